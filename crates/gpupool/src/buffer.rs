@@ -1,0 +1,225 @@
+//! `PooledBuffer<T>`: ownership is the API.
+//!
+//! A buffer owns its block; dropping it gives the block back to its class (or releases it).
+//! There is no `free` call and so no double return. Each buffer keeps the pool alive through an
+//! `Arc`, so buffers may outlive every `MemoryManager` handle; the last owner releases
+//! everything.
+//!
+//! Host access hands out `&[T]` only for `T: bytemuck::Pod` (every bit pattern valid), over
+//! memory backends promise is initialised, so reading a reused block is never undefined
+//! behaviour. Whether a new owner may see the previous owner's data is the
+//! `zero_on_reuse` setting's business.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::sync::Arc;
+
+use crate::backend::{MemoryKind, StreamId};
+use crate::class_cache::IdleBlock;
+use crate::error::PoolError;
+use crate::fence::{Fence, Pending};
+use crate::pool_manager::{Allocation, PoolManager, BYPASS};
+
+#[derive(Default)]
+struct BufferGates {
+    fences: Vec<Arc<dyn Fence>>,
+    extra_streams: Vec<StreamId>,
+}
+
+/// A typed buffer handed out by a [`crate::MemoryManager`]; returns its block on drop.
+///
+/// ```
+/// use gpupool::{backend::host::HostBackend, MemoryManager};
+/// let manager = MemoryManager::new(HostBackend::new());
+/// let mut buffer = manager.allocate::<f32>(1000).unwrap();
+/// buffer.as_mut_slice().unwrap().fill(1.5);
+/// assert_eq!(buffer.len(), 1000);
+/// assert_eq!(buffer.block_bytes(), 4096); // the class that holds 4,000 bytes
+/// drop(buffer); // back to the 4 KiB class, ready for the next request
+/// ```
+pub struct PooledBuffer<T> {
+    pool: Arc<PoolManager>,
+    record: ManuallyDrop<IdleBlock>,
+    len: usize,
+    requested_bytes: usize,
+    device: u32,
+    cache: u32,
+    stream: StreamId,
+    /// Fences and extra streams, boxed because almost no buffer has any.
+    gates: Option<Box<BufferGates>>,
+    _element: PhantomData<T>,
+}
+
+// SAFETY: the buffer exclusively owns its block (no other buffer or cache refers to it while
+// it is alive), so moving it to another thread moves that ownership; elements cross threads
+// only if `T: Send`. The pool it points to is `Send + Sync`.
+unsafe impl<T: Send> Send for PooledBuffer<T> {}
+// SAFETY: shared access gives only `&[T]` (needs `T: Sync`) and plain reads of addresses.
+unsafe impl<T: Sync> Sync for PooledBuffer<T> {}
+
+impl<T> PooledBuffer<T> {
+    pub(crate) fn new(
+        pool: Arc<PoolManager>,
+        allocation: Allocation,
+        len: usize,
+        requested_bytes: usize,
+        device: usize,
+        stream: StreamId,
+    ) -> Self {
+        PooledBuffer {
+            pool,
+            record: ManuallyDrop::new(allocation.record),
+            len,
+            requested_bytes,
+            device: device as u32,
+            cache: allocation.cache,
+            stream,
+            gates: None,
+            _element: PhantomData,
+        }
+    }
+
+    /// The number of elements requested.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: zero-length requests are refused.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes requested (`len × size_of::<T>()`).
+    pub fn requested_bytes(&self) -> usize {
+        self.requested_bytes
+    }
+
+    /// The size of the block actually held (its class size), never less than requested.
+    pub fn block_bytes(&self) -> usize {
+        self.record.block.bytes()
+    }
+
+    /// The memory kind of the block.
+    pub fn kind(&self) -> MemoryKind {
+        self.record.block.kind()
+    }
+
+    /// The device index the block belongs to.
+    pub fn device(&self) -> usize {
+        self.device as usize
+    }
+
+    /// The stream this buffer is ordered on.
+    pub fn stream(&self) -> StreamId {
+        self.stream
+    }
+
+    /// Whether the request was served outside the size classes.
+    pub fn is_bypass(&self) -> bool {
+        self.cache == BYPASS
+    }
+
+    /// The address device code uses (a `CUdeviceptr`, a Metal GPU address, a host address).
+    pub fn device_address(&self) -> u64 {
+        self.record.block.device_address()
+    }
+
+    /// The host pointer to the first element, for host-visible memory.
+    pub fn host_ptr(&self) -> Option<*mut T> {
+        self.record.block.host_ptr().map(|ptr| ptr.as_ptr().cast())
+    }
+
+    /// Declares that GPU work up to `fence` uses this buffer: after the drop, its block goes
+    /// to no new owner until the fence completes (Metal: a command buffer's completion).
+    pub fn used_by(&mut self, fence: Arc<dyn Fence>) {
+        self.gates.get_or_insert_with(Box::default).fences.push(fence);
+    }
+
+    /// Declares that work on `stream` (besides the buffer's own) uses this buffer, like
+    /// PyTorch's `record_stream`: at drop, a fence is recorded on `stream`, and the block is
+    /// reused only after it completes.
+    pub fn record_stream(&mut self, stream: StreamId) {
+        if stream == self.stream {
+            return;
+        }
+        let gates = self.gates.get_or_insert_with(Box::default);
+        if !gates.extra_streams.contains(&stream) {
+            gates.extra_streams.push(stream);
+        }
+    }
+}
+
+impl<T: bytemuck::Pod> PooledBuffer<T> {
+    /// The elements, for host-visible memory.
+    pub fn as_slice(&self) -> Result<&[T], PoolError> {
+        let ptr = self.host_ptr().ok_or(PoolError::NotHostVisible {
+            kind: self.kind(),
+        })?;
+        // SAFETY: the block is host-visible, holds at least `len × size_of::<T>()` initialised
+        // bytes (backends hand out initialised host memory, see `Block::new`), is aligned to
+        // `BLOCK_ALIGN` which the manager checked against `align_of::<T>()`, and is owned by
+        // this buffer alone; `T: Pod` accepts any bit pattern.
+        Ok(unsafe { std::slice::from_raw_parts(ptr, self.len) })
+    }
+
+    /// The elements, mutably, for host-visible memory.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T], PoolError> {
+        let ptr = self.host_ptr().ok_or(PoolError::NotHostVisible {
+            kind: self.kind(),
+        })?;
+        // SAFETY: as in `as_slice`; `&mut self` makes the access exclusive.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, self.len) })
+    }
+}
+
+impl<T> fmt::Debug for PooledBuffer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledBuffer")
+            .field("len", &self.len)
+            .field("requested_bytes", &self.requested_bytes)
+            .field("block_bytes", &self.record.block.bytes())
+            .field("kind", &self.record.block.kind())
+            .field("device", &self.device)
+            .field("device_address", &format_args!("{:#x}", self.record.block.device_address()))
+            .finish()
+    }
+}
+
+impl<T> PooledBuffer<T> {
+    /// Turns the buffer's fences and extra streams into the cached block's pending state.
+    #[cold]
+    fn settle_gates(&self, gates: BufferGates) -> Pending {
+        let BufferGates {
+            mut fences,
+            extra_streams,
+        } = gates;
+        let backend = self.pool.backend(self.device as usize);
+        for stream in extra_streams {
+            match backend.record_fence(stream) {
+                Ok(Some(fence)) => fences.push(fence),
+                Ok(None) => {}
+                Err(error) => {
+                    // Without a fence the block could be reused too early: wait instead.
+                    tracing::warn!(?error, "record_fence failed at drop; synchronising");
+                    let _ = backend.synchronize();
+                }
+            }
+        }
+        Pending::with_fences(self.stream, fences)
+    }
+}
+
+impl<T> Drop for PooledBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: `record` is taken exactly once, here, and never read again.
+        let mut record = unsafe { ManuallyDrop::take(&mut self.record) };
+        let device = self.device as usize;
+        record.pending = match self.gates.take() {
+            None => Pending::on(self.stream),
+            Some(gates) => self.settle_gates(*gates),
+        };
+        self.pool
+            .give_back(device, self.cache, record, self.requested_bytes);
+    }
+}

@@ -1,0 +1,248 @@
+//! Pool configuration: the seed's defaults, a builder, and validation.
+//!
+//! Defaults are the seed's: classes from 256 B to 256 MiB in powers of two, at most 32 idle
+//! blocks per class, 4 kept by a normal trim, maintenance every 60 s, no budget. Invalid
+//! combinations are refused by [`PoolConfigBuilder::build`] before anything is allocated.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use crate::error::PoolError;
+use crate::size_class::SizeClasses;
+
+/// How the pool behaves. Build one with [`PoolConfig::builder`].
+///
+/// ```
+/// use gpupool::PoolConfig;
+/// let config = PoolConfig::builder()
+///     .steps_per_doubling(4)
+///     .budget_bytes(Some(1 << 30))
+///     .build()
+///     .unwrap();
+/// assert_eq!(config.max_idle_per_class(), 32);
+/// ```
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub(crate) classes: SizeClasses,
+    pub(crate) max_idle_per_class: usize,
+    pub(crate) min_idle_per_class: usize,
+    pub(crate) maintenance_interval: Duration,
+    pub(crate) budget_bytes: Option<u64>,
+    pub(crate) pooling: bool,
+    pub(crate) zero_on_reuse: bool,
+    pub(crate) shards: usize,
+}
+
+impl PoolConfig {
+    /// A builder holding the seed's defaults.
+    pub fn builder() -> PoolConfigBuilder {
+        PoolConfigBuilder::default()
+    }
+
+    /// The size classes.
+    pub fn classes(&self) -> &SizeClasses {
+        &self.classes
+    }
+    /// At most this many idle blocks are cached per class and memory kind.
+    pub fn max_idle_per_class(&self) -> usize {
+        self.max_idle_per_class
+    }
+    /// A normal trim keeps this many idle blocks per class.
+    pub fn min_idle_per_class(&self) -> usize {
+        self.min_idle_per_class
+    }
+    /// How often background maintenance runs; zero means never.
+    pub fn maintenance_interval(&self) -> Duration {
+        self.maintenance_interval
+    }
+    /// The most bytes the pool may hold from each device, if limited.
+    pub fn budget_bytes(&self) -> Option<u64> {
+        self.budget_bytes
+    }
+    /// Whether pooling starts enabled.
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+    /// Whether reused blocks are zeroed before they are handed out.
+    pub fn zero_on_reuse(&self) -> bool {
+        self.zero_on_reuse
+    }
+    /// Number of lock shards per class cache.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig::builder()
+            .build()
+            .expect("the default configuration is valid")
+    }
+}
+
+/// Builds a [`PoolConfig`]; every setter has the seed's default.
+#[derive(Clone, Debug)]
+pub struct PoolConfigBuilder {
+    min_class_bytes: usize,
+    max_class_bytes: usize,
+    steps_per_doubling: usize,
+    max_idle_per_class: usize,
+    min_idle_per_class: usize,
+    maintenance_interval: Duration,
+    budget_bytes: Option<u64>,
+    pooling: bool,
+    zero_on_reuse: bool,
+    shards: Option<usize>,
+}
+
+impl Default for PoolConfigBuilder {
+    fn default() -> Self {
+        PoolConfigBuilder {
+            min_class_bytes: 256,
+            max_class_bytes: 256 << 20,
+            steps_per_doubling: 1,
+            max_idle_per_class: 32,
+            min_idle_per_class: 4,
+            maintenance_interval: Duration::from_secs(60),
+            budget_bytes: None,
+            pooling: true,
+            zero_on_reuse: false,
+            shards: None,
+        }
+    }
+}
+
+impl PoolConfigBuilder {
+    /// Smallest class in bytes (power of two, at least 256). Default 256.
+    pub fn min_class_bytes(mut self, bytes: usize) -> Self {
+        self.min_class_bytes = bytes;
+        self
+    }
+    /// Largest class in bytes (power of two); larger requests bypass the pool. Default 256 MiB.
+    pub fn max_class_bytes(mut self, bytes: usize) -> Self {
+        self.max_class_bytes = bytes;
+        self
+    }
+    /// Geometric steps per doubling: 1 is the seed's powers of two, 4 wastes at most 20 %.
+    pub fn steps_per_doubling(mut self, steps: usize) -> Self {
+        self.steps_per_doubling = steps;
+        self
+    }
+    /// Most idle blocks cached per class and kind; more are released on drop. Default 32.
+    pub fn max_idle_per_class(mut self, blocks: usize) -> Self {
+        self.max_idle_per_class = blocks;
+        self
+    }
+    /// Idle blocks a normal trim and maintenance keep per class. Default 4.
+    pub fn min_idle_per_class(mut self, blocks: usize) -> Self {
+        self.min_idle_per_class = blocks;
+        self
+    }
+    /// Background maintenance period; `Duration::ZERO` turns it off. Default 60 s.
+    pub fn maintenance_interval(mut self, interval: Duration) -> Self {
+        self.maintenance_interval = interval;
+        self
+    }
+    /// Most bytes reserved from each device; `None` for no limit (default).
+    pub fn budget_bytes(mut self, budget: Option<u64>) -> Self {
+        self.budget_bytes = budget;
+        self
+    }
+    /// Whether pooling starts on (default) or off.
+    pub fn pooling(mut self, enabled: bool) -> Self {
+        self.pooling = enabled;
+        self
+    }
+    /// Zero reused blocks before handing them out, so no data passes between owners.
+    pub fn zero_on_reuse(mut self, enabled: bool) -> Self {
+        self.zero_on_reuse = enabled;
+        self
+    }
+    /// Lock shards per class cache; default: available cores rounded up to a power of two,
+    /// at most 32.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// Checks the settings and builds the configuration.
+    pub fn build(self) -> Result<PoolConfig, PoolError> {
+        let classes = SizeClasses::new(
+            self.min_class_bytes,
+            self.max_class_bytes,
+            self.steps_per_doubling,
+        )?;
+        if self.max_idle_per_class == 0 {
+            return Err(PoolError::InvalidConfig(
+                "max_idle_per_class must be at least 1 (turn pooling off instead)".into(),
+            ));
+        }
+        if self.min_idle_per_class > self.max_idle_per_class {
+            return Err(PoolError::InvalidConfig(format!(
+                "min_idle_per_class {} exceeds max_idle_per_class {}",
+                self.min_idle_per_class, self.max_idle_per_class
+            )));
+        }
+        if self.budget_bytes == Some(0) {
+            return Err(PoolError::InvalidConfig(
+                "a budget of 0 bytes can serve nothing".into(),
+            ));
+        }
+        let shards = match self.shards {
+            Some(shards) if shards == 0 || shards > 1024 => {
+                return Err(PoolError::InvalidConfig(format!(
+                    "shards must be between 1 and 1024, not {shards}"
+                )))
+            }
+            Some(shards) => shards,
+            None => std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get())
+                .next_power_of_two()
+                .min(32),
+        };
+        Ok(PoolConfig {
+            classes,
+            max_idle_per_class: self.max_idle_per_class,
+            min_idle_per_class: self.min_idle_per_class,
+            maintenance_interval: self.maintenance_interval,
+            budget_bytes: self.budget_bytes,
+            pooling: self.pooling,
+            zero_on_reuse: self.zero_on_reuse,
+            shards,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let config = PoolConfig::default();
+        assert_eq!(config.classes().len(), 21);
+        assert_eq!(config.classes().sizes()[0], 256);
+        assert_eq!(config.classes().max_bytes(), 256 << 20);
+        assert_eq!(config.max_idle_per_class(), 32);
+        assert_eq!(config.min_idle_per_class(), 4);
+        assert_eq!(config.maintenance_interval(), Duration::from_secs(60));
+        assert!(config.pooling());
+        assert!(config.shards().is_power_of_two());
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused() {
+        let bad = [
+            PoolConfig::builder().max_idle_per_class(0),
+            PoolConfig::builder().min_idle_per_class(40),
+            PoolConfig::builder().budget_bytes(Some(0)),
+            PoolConfig::builder().shards(0),
+            PoolConfig::builder().min_class_bytes(300),
+            PoolConfig::builder().steps_per_doubling(0),
+        ];
+        for builder in bad {
+            assert!(matches!(builder.build(), Err(PoolError::InvalidConfig(_))));
+        }
+    }
+}

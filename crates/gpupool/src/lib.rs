@@ -1,0 +1,24 @@
+#![doc = include_str!("../../../README.md")]
+#![deny(missing_docs, unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod backend;
+mod buffer;
+mod class_cache;
+mod config;
+mod error;
+pub mod fence;
+mod maintenance;
+mod memory_manager;
+mod pool_manager;
+mod size_class;
+mod stats;
+
+pub use backend::{Backend, Block, MemoryKind, StreamId};
+pub use buffer::PooledBuffer;
+pub use config::{PoolConfig, PoolConfigBuilder};
+pub use error::PoolError;
+pub use memory_manager::{AllocOptions, MemoryManager};
+pub use pool_manager::{ReleaseReport, TrimLevel};
+pub use size_class::{SizeClasses, BLOCK_ALIGN};
+pub use stats::{BypassStats, ClassStats, DeviceStats, PoolStats, Totals};

@@ -1,0 +1,771 @@
+//! The layer between the front door and the class caches: routes each request to a size class
+//! and kind on its device, and owns everything that crosses classes: the budget, out-of-memory
+//! recovery, prewarming, trims, defragmentation, maintenance ticks and snapshots.
+//!
+//! The hit path is `allocate` → `ClassCache::take` and `give_back` → `ClassCache::give_back`:
+//! one shard lock each way, no driver call, no clock, no global lock. Everything else
+//! (misses, bypasses, releases) is out of line.
+//!
+//! Budget accounting uses one atomic per device, `committed_bytes`, that is raised *before* a
+//! backend allocation by compare-and-swap, so concurrent misses can never take the pool over
+//! its budget. Reported `reserved` bytes are instead derived from the shard counters, so that
+//! a snapshot is exactly consistent; the two differ only by allocations in flight.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crossbeam_utils::CachePadded;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError, Block, MemoryKind, StreamId};
+use crate::class_cache::{BlockRecord, ClassCache, GiveBack, IdleBlock};
+use crate::config::PoolConfig;
+use crate::error::PoolError;
+use crate::fence::{CompletedFence, Fence};
+use crate::size_class::BLOCK_ALIGN;
+use crate::stats::{BypassStats, ClassStats, DeviceStats, PoolStats, Totals};
+
+/// The cache index that marks a bypass block.
+pub(crate) const BYPASS: u32 = u32::MAX;
+
+/// How much a trim gives back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrimLevel {
+    /// Keep the configured minimum of idle blocks per class (the seed's 4).
+    Normal,
+    /// Release every idle block.
+    Aggressive,
+}
+
+/// What a trim, clear or defragmentation released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseReport {
+    /// Blocks given back to the backend.
+    pub blocks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl ReleaseReport {
+    fn add(&mut self, other: ReleaseReport) {
+        self.blocks += other.blocks;
+        self.bytes += other.bytes;
+    }
+}
+
+/// A block handed to a new owner.
+pub(crate) struct Allocation {
+    pub record: IdleBlock,
+    pub cache: u32,
+}
+
+#[derive(Clone, Copy, Default)]
+struct BypassCounters {
+    requests: u64,
+    backend_allocations: u64,
+    backend_releases: u64,
+    in_use_blocks: u64,
+    in_use_bytes: u64,
+    requested_live_bytes: u64,
+}
+
+/// The caches and accounting of one device.
+struct DevicePool {
+    backend: Arc<dyn Backend>,
+    kinds: Vec<MemoryKind>,
+    /// Index `class * kinds.len() + kind slot`.
+    caches: Box<[ClassCache]>,
+    bypass: Mutex<BypassCounters>,
+    committed_bytes: CachePadded<AtomicU64>,
+    peak_reserved_bytes: AtomicU64,
+    failed_requests: AtomicU64,
+    /// Requests per cache at the previous `defragment`.
+    defragment_marks: Mutex<Vec<u64>>,
+}
+
+impl DevicePool {
+    #[inline]
+    fn kind_slot(&self, kind: Option<MemoryKind>) -> Result<(MemoryKind, usize), PoolError> {
+        match kind {
+            None => Ok((self.kinds[0], 0)),
+            Some(kind) => self
+                .kinds
+                .iter()
+                .position(|&offered| offered == kind)
+                .map(|slot| (kind, slot))
+                .ok_or_else(|| PoolError::UnsupportedKind {
+                    kind,
+                    backend: self.backend.name().to_string(),
+                }),
+        }
+    }
+
+    fn reserved_now(&self) -> u64 {
+        self.committed_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Routes requests to classes on each device; see the module documentation.
+pub struct PoolManager {
+    config: PoolConfig,
+    devices: Box<[DevicePool]>,
+    pooling: AtomicBool,
+    /// Advanced by each maintenance tick; cached blocks remember the epoch they went idle in.
+    epoch: AtomicU64,
+}
+
+/// This thread's shard number, assigned round-robin on first use so that threads spread over
+/// the shards of every class.
+#[inline]
+fn thread_shard() -> usize {
+    thread_local! {
+        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+    SHARD.with(|shard| {
+        let current = shard.get();
+        if current != usize::MAX {
+            return current;
+        }
+        let assigned = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+        shard.set(assigned);
+        assigned
+    })
+}
+
+impl PoolManager {
+    pub(crate) fn new(
+        backends: Vec<Arc<dyn Backend>>,
+        config: PoolConfig,
+    ) -> Result<PoolManager, PoolError> {
+        if backends.is_empty() {
+            return Err(PoolError::InvalidConfig("no device to pool".into()));
+        }
+        let shards = config.shards.next_power_of_two();
+        let mut devices = Vec::with_capacity(backends.len());
+        for backend in backends {
+            let kinds = backend.kinds().to_vec();
+            if kinds.is_empty() {
+                return Err(PoolError::InvalidConfig(format!(
+                    "backend {} offers no memory kind",
+                    backend.name()
+                )));
+            }
+            let caches: Box<[ClassCache]> = config
+                .classes
+                .sizes()
+                .iter()
+                .flat_map(|&class_bytes| {
+                    kinds.iter().map(move |_| {
+                        ClassCache::new(class_bytes, config.max_idle_per_class, shards)
+                    })
+                })
+                .collect();
+            let marks = vec![0; caches.len()];
+            devices.push(DevicePool {
+                backend,
+                kinds,
+                caches,
+                bypass: Mutex::new(BypassCounters::default()),
+                committed_bytes: CachePadded::new(AtomicU64::new(0)),
+                peak_reserved_bytes: AtomicU64::new(0),
+                failed_requests: AtomicU64::new(0),
+                defragment_marks: Mutex::new(marks),
+            });
+        }
+        Ok(PoolManager {
+            pooling: AtomicBool::new(config.pooling),
+            config,
+            devices: devices.into_boxed_slice(),
+            epoch: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub(crate) fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub(crate) fn backend(&self, device: usize) -> &Arc<dyn Backend> {
+        &self.devices[device].backend
+    }
+
+    pub(crate) fn set_pooling(&self, enabled: bool) {
+        self.pooling.store(enabled, Ordering::Relaxed);
+        if !enabled {
+            self.trim(TrimLevel::Aggressive);
+        }
+    }
+
+    pub(crate) fn pooling(&self) -> bool {
+        self.pooling.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn device(&self, device: usize) -> Result<&DevicePool, PoolError> {
+        self.devices.get(device).ok_or(PoolError::NoSuchDevice {
+            device,
+            devices: self.devices.len(),
+        })
+    }
+
+    /// Serves one request of `bytes` bytes.
+    #[inline]
+    pub(crate) fn allocate(
+        &self,
+        device: usize,
+        bytes: usize,
+        kind: Option<MemoryKind>,
+        stream: StreamId,
+    ) -> Result<Allocation, PoolError> {
+        if bytes == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let pool = self.device(device)?;
+        let (kind, slot) = pool.kind_slot(kind)?;
+        let class = if self.pooling.load(Ordering::Relaxed) {
+            self.config.classes.class_for(bytes)
+        } else {
+            None
+        };
+        let result = match class {
+            Some(class) => {
+                let index = class * pool.kinds.len() + slot;
+                let shard = thread_shard();
+                match pool.caches[index].take(shard, stream, bytes) {
+                    Some(idle) => self.hand_out(pool, idle, index, bytes, stream),
+                    None => self.allocate_miss(pool, index, shard, bytes, kind, stream),
+                }
+            }
+            None => self.allocate_bypass(pool, bytes, kind),
+        };
+        if result.is_err() {
+            pool.failed_requests.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    #[inline]
+    fn hand_out(
+        &self,
+        pool: &DevicePool,
+        idle: IdleBlock,
+        index: usize,
+        requested_bytes: usize,
+        stream: StreamId,
+    ) -> Result<Allocation, PoolError> {
+        if self.config.zero_on_reuse {
+            if let Err(error) = pool.backend.zero(&idle.block, stream) {
+                let error = PoolError::from_backend(
+                    pool.backend.name(),
+                    error,
+                    requested_bytes,
+                    pool.reserved_now(),
+                    None,
+                );
+                self.give_back_cached(pool, index, idle, requested_bytes);
+                return Err(error);
+            }
+        }
+        Ok(Allocation {
+            record: idle,
+            cache: index as u32,
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn allocate_miss(
+        &self,
+        pool: &DevicePool,
+        index: usize,
+        shard: usize,
+        requested_bytes: usize,
+        kind: MemoryKind,
+        stream: StreamId,
+    ) -> Result<Allocation, PoolError> {
+        let cache = &pool.caches[index];
+        if let Some(idle) = cache.steal(shard, stream, requested_bytes) {
+            return self.hand_out(pool, idle, index, requested_bytes, stream);
+        }
+        self.fence_foreign_blocks(pool, cache, stream);
+        let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
+        cache.record_miss(shard, requested_bytes);
+        tracing::debug!(
+            class_bytes = cache.class_bytes(),
+            requested_bytes,
+            "pool miss: allocated from the backend"
+        );
+        Ok(Allocation {
+            record: BlockRecord::boxed(block, stream),
+            cache: index as u32,
+        })
+    }
+
+    /// Blocks idle on other streams become usable on this one once a fence recorded on their
+    /// stream completes; record one fence per stream now so later requests can reuse them.
+    fn fence_foreign_blocks(&self, pool: &DevicePool, cache: &ClassCache, stream: StreamId) {
+        let mut recorded: Vec<(StreamId, Arc<dyn Fence>)> = Vec::new();
+        cache.for_each_idle(|idle| {
+            if !idle.pending.wants_stream_fence(stream) {
+                return;
+            }
+            let owner = idle.pending.stream;
+            let fence = match recorded.iter().find(|(recorded_on, _)| *recorded_on == owner) {
+                Some((_, fence)) => fence.clone(),
+                None => {
+                    let fence: Arc<dyn Fence> = match pool.backend.record_fence(owner) {
+                        Ok(Some(fence)) => fence,
+                        Ok(None) => Arc::new(CompletedFence),
+                        Err(error) => {
+                            tracing::warn!(?error, "could not record a stream fence");
+                            return;
+                        }
+                    };
+                    recorded.push((owner, fence.clone()));
+                    fence
+                }
+            };
+            idle.pending.set_stream_fence(fence);
+        });
+    }
+
+    #[cold]
+    fn allocate_bypass(
+        &self,
+        pool: &DevicePool,
+        requested_bytes: usize,
+        kind: MemoryKind,
+    ) -> Result<Allocation, PoolError> {
+        let block_bytes = requested_bytes
+            .checked_next_multiple_of(BLOCK_ALIGN)
+            .ok_or(PoolError::TooLarge {
+                requested_bytes: requested_bytes as u64,
+                limit_bytes: (usize::MAX - BLOCK_ALIGN + 1) as u64,
+            })?;
+        let block = self.allocate_from_backend(pool, block_bytes, requested_bytes, kind)?;
+        let mut bypass = pool.bypass.lock().unwrap_or_else(PoisonError::into_inner);
+        bypass.requests += 1;
+        bypass.backend_allocations += 1;
+        bypass.in_use_blocks += 1;
+        bypass.in_use_bytes += block.bytes() as u64;
+        bypass.requested_live_bytes += requested_bytes as u64;
+        drop(bypass);
+        Ok(Allocation {
+            record: BlockRecord::boxed(block, StreamId::DEFAULT),
+            cache: BYPASS,
+        })
+    }
+
+    /// A backend allocation within the budget, with one retry after releasing idle blocks
+    /// when the budget or the device is exhausted.
+    fn allocate_from_backend(
+        &self,
+        pool: &DevicePool,
+        block_bytes: usize,
+        requested_bytes: usize,
+        kind: MemoryKind,
+    ) -> Result<Block, PoolError> {
+        self.reserve(pool, block_bytes)?;
+        let first = pool.backend.allocate(block_bytes, kind);
+        let outcome = match first {
+            Err(BackendError::OutOfMemory) => {
+                let released = self.release_idle(pool, 0, None);
+                tracing::info!(
+                    block_bytes,
+                    released_blocks = released.blocks,
+                    released_bytes = released.bytes,
+                    "device out of memory: released idle blocks, retrying once"
+                );
+                pool.backend.allocate(block_bytes, kind)
+            }
+            other => other,
+        };
+        outcome.map_err(|error| {
+            self.unreserve(pool, block_bytes as u64);
+            let device_free = pool.backend.memory_info().map(|info| info.free_bytes);
+            let error = PoolError::from_backend(
+                pool.backend.name(),
+                error,
+                block_bytes.max(requested_bytes),
+                pool.reserved_now(),
+                device_free,
+            );
+            tracing::warn!(%error, "allocation failed");
+            error
+        })
+    }
+
+    /// Raises `committed_bytes` by `bytes` unless that would pass the budget; on refusal,
+    /// releases idle blocks and tries once more.
+    fn reserve(&self, pool: &DevicePool, bytes: usize) -> Result<(), PoolError> {
+        let bytes = bytes as u64;
+        if self.try_reserve(pool, bytes) {
+            return Ok(());
+        }
+        let released = self.release_idle(pool, 0, None);
+        tracing::info!(
+            bytes,
+            released_blocks = released.blocks,
+            "budget reached: released idle blocks, retrying once"
+        );
+        if self.try_reserve(pool, bytes) {
+            return Ok(());
+        }
+        Err(PoolError::BudgetExceeded {
+            requested_bytes: bytes,
+            reserved_bytes: pool.reserved_now(),
+            budget_bytes: self.config.budget_bytes.unwrap_or(u64::MAX),
+        })
+    }
+
+    fn try_reserve(&self, pool: &DevicePool, bytes: u64) -> bool {
+        let committed = &pool.committed_bytes;
+        let new_total = match self.config.budget_bytes {
+            None => committed.fetch_add(bytes, Ordering::Relaxed) + bytes,
+            Some(budget) => {
+                let mut current = committed.load(Ordering::Relaxed);
+                loop {
+                    let Some(wanted) = current.checked_add(bytes).filter(|&total| total <= budget)
+                    else {
+                        return false;
+                    };
+                    match committed.compare_exchange_weak(
+                        current,
+                        wanted,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => break wanted,
+                        Err(actual) => current = actual,
+                    }
+                }
+            }
+        };
+        if new_total > pool.peak_reserved_bytes.load(Ordering::Relaxed) {
+            pool.peak_reserved_bytes.fetch_max(new_total, Ordering::Relaxed);
+        }
+        true
+    }
+
+    fn unreserve(&self, pool: &DevicePool, bytes: u64) {
+        pool.committed_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes a block back from a dropped buffer (its pending state already filled in).
+    #[inline]
+    pub(crate) fn give_back(
+        &self,
+        device: usize,
+        cache: u32,
+        record: IdleBlock,
+        requested_bytes: usize,
+    ) {
+        let pool = &self.devices[device];
+        if cache == BYPASS {
+            self.give_back_bypass(pool, record, requested_bytes);
+        } else {
+            self.give_back_cached(pool, cache as usize, record, requested_bytes);
+        }
+    }
+
+    #[inline]
+    fn give_back_cached(
+        &self,
+        pool: &DevicePool,
+        index: usize,
+        mut record: IdleBlock,
+        requested_bytes: usize,
+    ) {
+        record.epoch = self.epoch.load(Ordering::Relaxed);
+        let outcome = pool.caches[index].give_back(
+            thread_shard(),
+            record,
+            requested_bytes,
+            self.pooling.load(Ordering::Relaxed),
+        );
+        if let GiveBack::Release(record) = outcome {
+            self.release_blocks(pool, vec![record]);
+        }
+    }
+
+    #[cold]
+    fn give_back_bypass(&self, pool: &DevicePool, record: IdleBlock, requested_bytes: usize) {
+        {
+            let mut bypass = pool.bypass.lock().unwrap_or_else(PoisonError::into_inner);
+            bypass.in_use_blocks -= 1;
+            bypass.in_use_bytes -= record.block.bytes() as u64;
+            bypass.requested_live_bytes -= requested_bytes as u64;
+            bypass.backend_releases += 1;
+        }
+        self.release_blocks(pool, vec![record]);
+    }
+
+    /// Gives blocks (already uncounted from the caches) back to the backend, synchronising
+    /// first if GPU work may still use any of them.
+    #[cold]
+    fn release_blocks(&self, pool: &DevicePool, mut blocks: Vec<IdleBlock>) -> ReleaseReport {
+        let mut report = ReleaseReport::default();
+        if blocks.is_empty() {
+            return report;
+        }
+        if blocks.iter_mut().any(|idle| !idle.pending.is_idle()) {
+            if let Err(error) = pool.backend.synchronize() {
+                tracing::warn!(?error, "synchronize before release failed");
+            }
+        }
+        for record in blocks {
+            report.blocks += 1;
+            report.bytes += record.block.bytes() as u64;
+            pool.backend.release(record.block);
+        }
+        self.unreserve(pool, report.bytes);
+        report
+    }
+
+    /// Releases idle blocks of every class on one device down to `keep` per class.
+    fn release_idle(&self, pool: &DevicePool, keep: usize, idle_since: Option<u64>) -> ReleaseReport {
+        let blocks = pool
+            .caches
+            .iter()
+            .flat_map(|cache| cache.remove_idle(keep, idle_since))
+            .collect();
+        self.release_blocks(pool, blocks)
+    }
+
+    pub(crate) fn trim(&self, level: TrimLevel) -> ReleaseReport {
+        let keep = match level {
+            TrimLevel::Normal => self.config.min_idle_per_class,
+            TrimLevel::Aggressive => 0,
+        };
+        let mut report = ReleaseReport::default();
+        for pool in self.devices.iter() {
+            report.add(self.release_idle(pool, keep, None));
+        }
+        tracing::info!(?level, blocks = report.blocks, bytes = report.bytes, "trim");
+        report
+    }
+
+    /// One maintenance tick: releases blocks idle for over one interval, down to the minimum.
+    pub(crate) fn maintain(&self) -> ReleaseReport {
+        let now = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut report = ReleaseReport::default();
+        if now < 2 {
+            return report;
+        }
+        for pool in self.devices.iter() {
+            report.add(self.release_idle(pool, self.config.min_idle_per_class, Some(now - 2)));
+        }
+        if report.blocks > 0 {
+            tracing::info!(blocks = report.blocks, bytes = report.bytes, "maintenance released idle blocks");
+        }
+        report
+    }
+
+    /// Releases every idle block of each class that saw no request since the previous call.
+    pub(crate) fn defragment(&self) -> ReleaseReport {
+        let mut report = ReleaseReport::default();
+        for pool in self.devices.iter() {
+            let mut marks = pool
+                .defragment_marks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut cold = Vec::new();
+            for (index, cache) in pool.caches.iter().enumerate() {
+                let requests = cache.counters().requests;
+                if requests == marks[index] {
+                    cold.extend(cache.remove_idle(0, None));
+                }
+                marks[index] = requests;
+            }
+            report.add(self.release_blocks(pool, cold));
+        }
+        tracing::info!(blocks = report.blocks, bytes = report.bytes, "defragment");
+        report
+    }
+
+    /// Fills the cache of the class of `bytes` with up to `count` blocks, within the class cap
+    /// and the budget. Returns how many blocks were added.
+    pub(crate) fn prewarm(
+        &self,
+        device: usize,
+        bytes: usize,
+        count: usize,
+        kind: Option<MemoryKind>,
+    ) -> Result<usize, PoolError> {
+        if bytes == 0 {
+            return Err(PoolError::ZeroSize);
+        }
+        let pool = self.device(device)?;
+        let (kind, slot) = pool.kind_slot(kind)?;
+        let class = self
+            .config
+            .classes
+            .class_for(bytes)
+            .ok_or(PoolError::NotPooled {
+                requested_bytes: bytes as u64,
+                max_class_bytes: self.config.classes.max_bytes() as u64,
+            })?;
+        if !self.pooling() {
+            return Ok(0);
+        }
+        let cache = &pool.caches[class * pool.kinds.len() + slot];
+        let class_bytes = cache.class_bytes();
+        let wanted = count.min(cache.free_slots());
+        let shard = thread_shard();
+        let mut added = 0;
+        for _ in 0..wanted {
+            if !self.try_reserve(pool, class_bytes as u64) {
+                break;
+            }
+            let block = match pool.backend.allocate(class_bytes, kind) {
+                Ok(block) => block,
+                Err(error) => {
+                    self.unreserve(pool, class_bytes as u64);
+                    if added == 0 {
+                        return Err(PoolError::from_backend(
+                            pool.backend.name(),
+                            error,
+                            class_bytes,
+                            pool.reserved_now(),
+                            pool.backend.memory_info().map(|info| info.free_bytes),
+                        ));
+                    }
+                    break;
+                }
+            };
+            let mut idle = BlockRecord::boxed(block, StreamId::DEFAULT);
+            idle.epoch = self.epoch.load(Ordering::Relaxed);
+            if let Err(idle) = cache.add_prewarmed(shard, idle) {
+                pool.backend.release(idle.block);
+                self.unreserve(pool, class_bytes as u64);
+                break;
+            }
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// One consistent snapshot: every shard of every device is locked while it is read.
+    pub(crate) fn stats(&self) -> PoolStats {
+        let mut devices = Vec::with_capacity(self.devices.len());
+        let mut totals = Totals::default();
+        let mut highest_pressure: f64 = 0.0;
+        let infos: Vec<_> = self
+            .devices
+            .iter()
+            .map(|pool| pool.backend.memory_info())
+            .collect();
+        // Hold every lock of every device until all counters are read.
+        let bypass_guards: Vec<_> = self
+            .devices
+            .iter()
+            .map(|pool| pool.bypass.lock().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        let shard_guards: Vec<Vec<_>> = self
+            .devices
+            .iter()
+            .map(|pool| pool.caches.iter().map(|cache| cache.lock_all()).collect())
+            .collect();
+        for (device, pool) in self.devices.iter().enumerate() {
+            let bypass_counters = *bypass_guards[device];
+            let mut device_totals = Totals {
+                requests: bypass_counters.requests,
+                bypasses: bypass_counters.requests,
+                failed_requests: pool.failed_requests.load(Ordering::Relaxed),
+                backend_allocations: bypass_counters.backend_allocations,
+                backend_releases: bypass_counters.backend_releases,
+                in_use_bytes: bypass_counters.in_use_bytes,
+                requested_live_bytes: bypass_counters.requested_live_bytes,
+                peak_reserved_bytes: pool.peak_reserved_bytes.load(Ordering::Relaxed),
+                ..Totals::default()
+            };
+            let mut classes = Vec::new();
+            for (index, shards) in shard_guards[device].iter().enumerate() {
+                let mut counters = crate::class_cache::CacheCounters::default();
+                for shard in shards {
+                    counters.add(&shard.counters());
+                }
+                if counters.requests == 0 && counters.backend_allocations == 0 {
+                    continue;
+                }
+                let class_bytes = pool.caches[index].class_bytes() as u64;
+                let in_use_blocks = counters.in_use_blocks.max(0) as u64;
+                let row = ClassStats {
+                    class_bytes,
+                    kind: pool.kinds[index % pool.kinds.len()],
+                    requests: counters.requests,
+                    hits: counters.hits,
+                    misses: counters.misses,
+                    backend_allocations: counters.backend_allocations,
+                    backend_releases: counters.backend_releases,
+                    releases_at_cap: counters.releases_at_cap,
+                    prewarmed_blocks: counters.prewarmed,
+                    in_use_blocks,
+                    cached_blocks: counters.idle_blocks,
+                    in_use_bytes: in_use_blocks * class_bytes,
+                    cached_bytes: counters.idle_blocks * class_bytes,
+                    requested_live_bytes: counters.requested_live_bytes.max(0) as u64,
+                    hit_rate: crate::stats::ratio(counters.hits, counters.hits + counters.misses),
+                };
+                device_totals.requests += row.requests;
+                device_totals.hits += row.hits;
+                device_totals.misses += row.misses;
+                device_totals.backend_allocations += row.backend_allocations;
+                device_totals.backend_releases += row.backend_releases;
+                device_totals.in_use_bytes += row.in_use_bytes;
+                device_totals.cached_bytes += row.cached_bytes;
+                device_totals.requested_live_bytes += row.requested_live_bytes;
+                classes.push(row);
+            }
+            let info = infos[device];
+            let basis = self
+                .config
+                .budget_bytes
+                .or(info.map(|info| info.total_bytes));
+            device_totals.derive(basis);
+            highest_pressure = highest_pressure.max(device_totals.memory_pressure);
+            totals.accumulate(&device_totals);
+            devices.push(DeviceStats {
+                device,
+                device_name: pool.backend.device_name(),
+                budget_bytes: self.config.budget_bytes,
+                capacity_bytes: info.map(|info| info.total_bytes),
+                device_free_bytes: info.map(|info| info.free_bytes),
+                classes,
+                bypass: BypassStats {
+                    requests: bypass_counters.requests,
+                    in_use_blocks: bypass_counters.in_use_blocks,
+                    in_use_bytes: bypass_counters.in_use_bytes,
+                    requested_live_bytes: bypass_counters.requested_live_bytes,
+                    backend_allocations: bypass_counters.backend_allocations,
+                    backend_releases: bypass_counters.backend_releases,
+                },
+                totals: device_totals,
+            });
+        }
+        drop(shard_guards);
+        drop(bypass_guards);
+        totals.derive(None);
+        totals.memory_pressure = highest_pressure;
+        PoolStats {
+            backend: self.devices[0].backend.name().to_string(),
+            pooling: self.pooling(),
+            devices,
+            totals,
+        }
+    }
+}
+
+impl Drop for PoolManager {
+    /// The last owner (a manager handle or a buffer that outlived them) releases everything.
+    fn drop(&mut self) {
+        for pool in self.devices.iter() {
+            self.release_idle(pool, 0, None);
+        }
+    }
+}

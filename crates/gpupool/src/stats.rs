@@ -1,0 +1,254 @@
+//! Statistics snapshots and DESIGN.md's derived metrics.
+//!
+//! A [`PoolStats`] is taken with every shard of every class locked at once, so its figures
+//! describe one instant and satisfy the identities exactly:
+//! `reserved = in use + cached` and `backend allocations − backend releases = blocks held`.
+//! Derived metrics use the definitions of DESIGN.md, never the seed's (its "allocation
+//! reduction" was the hit rate renamed):
+//!
+//! | metric | formula |
+//! |---|---|
+//! | hit rate | hits / (hits + misses) |
+//! | allocation reduction | 1 − backend allocations / requests |
+//! | internal fragmentation | 1 − requested live bytes / in-use bytes |
+//! | idle fraction | cached / reserved |
+//! | memory efficiency | requested live bytes / reserved |
+//! | memory pressure | reserved / budget (else device capacity) |
+//!
+//! Every ratio of an empty denominator is 0, never NaN.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::MemoryKind;
+
+/// One consistent snapshot of the whole pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The backend's name.
+    pub backend: String,
+    /// Whether pooling was on.
+    pub pooling: bool,
+    /// One entry per device the manager serves.
+    pub devices: Vec<DeviceStats>,
+    /// Sums over all devices (pressure is the highest of any device).
+    pub totals: Totals,
+}
+
+/// The figures of one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// The device index.
+    pub device: usize,
+    /// The device's name, as the backend reports it.
+    pub device_name: String,
+    /// The configured budget for this device, if any.
+    pub budget_bytes: Option<u64>,
+    /// Total device memory, where the backend can tell.
+    pub capacity_bytes: Option<u64>,
+    /// Free device memory, where the backend can tell.
+    pub device_free_bytes: Option<u64>,
+    /// One row per size class and kind that has seen any activity.
+    pub classes: Vec<ClassStats>,
+    /// Requests outside the pooled range or made with pooling off.
+    pub bypass: BypassStats,
+    /// Sums for this device.
+    pub totals: Totals,
+}
+
+/// The figures of one size class and memory kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClassStats {
+    /// The block size of the class.
+    pub class_bytes: u64,
+    /// The memory kind.
+    pub kind: MemoryKind,
+    /// Allocate calls routed to this class.
+    pub requests: u64,
+    /// Requests served from the cache.
+    pub hits: u64,
+    /// Requests that needed a backend allocation.
+    pub misses: u64,
+    /// Blocks allocated from the backend (misses and prewarming).
+    pub backend_allocations: u64,
+    /// Blocks given back to the backend (caps, trims, pooling off).
+    pub backend_releases: u64,
+    /// Drops released because the class already held its cap of idle blocks.
+    pub releases_at_cap: u64,
+    /// Blocks allocated by `prewarm`.
+    pub prewarmed_blocks: u64,
+    /// Blocks owned by live buffers.
+    pub in_use_blocks: u64,
+    /// Idle blocks in the cache.
+    pub cached_blocks: u64,
+    /// `in_use_blocks × class_bytes`.
+    pub in_use_bytes: u64,
+    /// `cached_blocks × class_bytes`.
+    pub cached_bytes: u64,
+    /// Bytes the owners of live buffers asked for.
+    pub requested_live_bytes: u64,
+    /// hits / (hits + misses).
+    pub hit_rate: f64,
+}
+
+/// Figures of requests that bypass the classes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BypassStats {
+    /// Bypassed requests.
+    pub requests: u64,
+    /// Live bypass buffers.
+    pub in_use_blocks: u64,
+    /// Bytes of live bypass blocks.
+    pub in_use_bytes: u64,
+    /// Bytes the owners of live bypass buffers asked for.
+    pub requested_live_bytes: u64,
+    /// Backend allocations made for bypassed requests.
+    pub backend_allocations: u64,
+    /// Bypass blocks released.
+    pub backend_releases: u64,
+}
+
+/// Totals and the derived metrics, for a device or the whole pool.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Allocate calls that succeeded (hits + misses + bypasses).
+    pub requests: u64,
+    /// Requests served from a cache.
+    pub hits: u64,
+    /// Pooled requests that needed a backend allocation.
+    pub misses: u64,
+    /// Requests outside the pooled range or made with pooling off.
+    pub bypasses: u64,
+    /// Allocate calls that returned an error.
+    pub failed_requests: u64,
+    /// Every backend allocation (misses, bypasses, prewarming).
+    pub backend_allocations: u64,
+    /// Every backend release.
+    pub backend_releases: u64,
+    /// Blocks held from the backend: allocations − releases.
+    pub blocks_held: u64,
+    /// Block bytes of live buffers.
+    pub in_use_bytes: u64,
+    /// Block bytes idle in caches.
+    pub cached_bytes: u64,
+    /// in use + cached: everything held from the backend.
+    pub reserved_bytes: u64,
+    /// Bytes the owners of live buffers asked for.
+    pub requested_live_bytes: u64,
+    /// The most bytes ever reserved (including allocations in flight).
+    pub peak_reserved_bytes: u64,
+    /// hits / (hits + misses).
+    pub hit_rate: f64,
+    /// 1 − backend allocations / requests.
+    pub allocation_reduction: f64,
+    /// 1 − requested live bytes / in-use bytes.
+    pub internal_fragmentation: f64,
+    /// cached / reserved.
+    pub idle_fraction: f64,
+    /// requested live bytes / reserved.
+    pub memory_efficiency: f64,
+    /// reserved / budget, else reserved / device capacity; 0 when neither is known.
+    pub memory_pressure: f64,
+}
+
+/// `numerator / denominator`, or 0 for an empty denominator.
+pub fn ratio(numerator: u64, denominator: u64) -> f64 {
+    if denominator == 0 {
+        0.0
+    } else {
+        numerator as f64 / denominator as f64
+    }
+}
+
+impl Totals {
+    /// Fills in the derived metrics from the counters.
+    pub(crate) fn derive(&mut self, pressure_basis: Option<u64>) {
+        self.blocks_held = self.backend_allocations - self.backend_releases;
+        self.reserved_bytes = self.in_use_bytes + self.cached_bytes;
+        self.hit_rate = ratio(self.hits, self.hits + self.misses);
+        self.allocation_reduction = if self.requests == 0 {
+            0.0
+        } else {
+            1.0 - ratio(self.backend_allocations, self.requests)
+        };
+        self.internal_fragmentation = if self.in_use_bytes == 0 {
+            0.0
+        } else {
+            1.0 - ratio(self.requested_live_bytes, self.in_use_bytes)
+        };
+        self.idle_fraction = ratio(self.cached_bytes, self.reserved_bytes);
+        self.memory_efficiency = ratio(self.requested_live_bytes, self.reserved_bytes);
+        self.memory_pressure = pressure_basis.map_or(0.0, |basis| ratio(self.reserved_bytes, basis));
+    }
+
+    /// Adds another device's counters (not its derived metrics).
+    pub(crate) fn accumulate(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.bypasses += other.bypasses;
+        self.failed_requests += other.failed_requests;
+        self.backend_allocations += other.backend_allocations;
+        self.backend_releases += other.backend_releases;
+        self.in_use_bytes += other.in_use_bytes;
+        self.cached_bytes += other.cached_bytes;
+        self.requested_live_bytes += other.requested_live_bytes;
+        self.peak_reserved_bytes += other.peak_reserved_bytes;
+    }
+}
+
+impl PoolStats {
+    /// The row of `class_bytes` and `kind` on device 0, if it has seen activity.
+    pub fn class(&self, class_bytes: u64, kind: MemoryKind) -> Option<&ClassStats> {
+        self.devices.first().and_then(|device| {
+            device
+                .classes
+                .iter()
+                .find(|row| row.class_bytes == class_bytes && row.kind == kind)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_totals_derive_zeros_not_nan() {
+        let mut totals = Totals::default();
+        totals.derive(None);
+        for value in [
+            totals.hit_rate,
+            totals.allocation_reduction,
+            totals.internal_fragmentation,
+            totals.idle_fraction,
+            totals.memory_efficiency,
+            totals.memory_pressure,
+        ] {
+            assert_eq!(value, 0.0);
+        }
+    }
+
+    #[test]
+    fn derived_metrics_follow_the_design_formulas() {
+        let mut totals = Totals {
+            requests: 1000,
+            hits: 999,
+            misses: 1,
+            backend_allocations: 1,
+            in_use_bytes: 4096,
+            cached_bytes: 4096,
+            requested_live_bytes: 3072,
+            ..Totals::default()
+        };
+        totals.derive(Some(16384));
+        assert_eq!(totals.reserved_bytes, 8192);
+        assert!((totals.hit_rate - 0.999).abs() < 1e-12);
+        assert!((totals.allocation_reduction - 0.999).abs() < 1e-12);
+        assert!((totals.internal_fragmentation - 0.25).abs() < 1e-12);
+        assert!((totals.idle_fraction - 0.5).abs() < 1e-12);
+        assert!((totals.memory_efficiency - 0.375).abs() < 1e-12);
+        assert!((totals.memory_pressure - 0.5).abs() < 1e-12);
+        assert_eq!(totals.blocks_held, 1);
+    }
+}

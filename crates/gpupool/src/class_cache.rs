@@ -178,17 +178,21 @@ impl ClassCache {
         taken
     }
 
-    /// The first step of a miss: a usable block from another thread's shard.
+    /// The first step of a miss: a usable block from another thread's shard, with the shard
+    /// that counted the hit.
     pub fn steal(
         &self,
         shard: usize,
         stream: StreamId,
         requested_bytes: usize,
-    ) -> Option<IdleBlock> {
+    ) -> Option<(IdleBlock, usize)> {
         if self.idle_blocks.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        (1..=self.shard_mask).find_map(|offset| self.take(shard + offset, stream, requested_bytes))
+        (1..=self.shard_mask).find_map(|offset| {
+            self.take(shard + offset, stream, requested_bytes)
+                .map(|idle| (idle, shard + offset))
+        })
     }
 
     /// Runs `visit` on every idle block of every shard (used to attach stream fences).
@@ -198,6 +202,17 @@ impl ClassCache {
                 visit(idle);
             }
         }
+    }
+
+    /// Takes back a hit whose block turns out unusable (purged by the OS) and counts the
+    /// block's release, so the request can be served and counted again as a miss.
+    pub fn undo_hit_for_release(&self, shard: usize, requested_bytes: usize) {
+        let mut shard = self.shard(shard);
+        shard.counters.requests -= 1;
+        shard.counters.hits -= 1;
+        shard.counters.in_use_blocks -= 1;
+        shard.counters.requested_live_bytes -= requested_bytes as i64;
+        shard.counters.backend_releases += 1;
     }
 
     /// Counts a request served by a new backend allocation.

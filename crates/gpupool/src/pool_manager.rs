@@ -76,6 +76,8 @@ struct DevicePool {
     kinds: Vec<MemoryKind>,
     /// Index `class * kinds.len() + kind slot`.
     caches: Box<[ClassCache]>,
+    /// The backend's `purgeable_idle_blocks`, read once.
+    purgeable: bool,
     bypass: Mutex<BypassCounters>,
     committed_bytes: CachePadded<AtomicU64>,
     peak_reserved_bytes: AtomicU64,
@@ -164,6 +166,7 @@ impl PoolManager {
                 .collect();
             let marks = vec![0; caches.len()];
             devices.push(DevicePool {
+                purgeable: backend.purgeable_idle_blocks(),
                 backend,
                 kinds,
                 caches,
@@ -237,7 +240,13 @@ impl PoolManager {
                 let index = class * pool.kinds.len() + slot;
                 let shard = thread_shard();
                 match pool.caches[index].take(shard, stream, bytes) {
-                    Some(idle) => self.hand_out(pool, idle, index, bytes, stream),
+                    Some(idle) if !pool.purgeable || pool.backend.reclaim(&idle.block) => {
+                        self.hand_out(pool, idle, index, bytes, stream)
+                    }
+                    Some(purged) => {
+                        self.drop_purged(pool, index, shard, purged, bytes);
+                        self.allocate_miss(pool, index, shard, bytes, kind, stream)
+                    }
                     None => self.allocate_miss(pool, index, shard, bytes, kind, stream),
                 }
             }
@@ -277,6 +286,22 @@ impl PoolManager {
         })
     }
 
+    /// A cached block whose contents the OS discarded: undo the hit, release it, and let the
+    /// request go on as a miss.
+    #[cold]
+    fn drop_purged(
+        &self,
+        pool: &DevicePool,
+        index: usize,
+        shard: usize,
+        purged: IdleBlock,
+        requested_bytes: usize,
+    ) {
+        pool.caches[index].undo_hit_for_release(shard, requested_bytes);
+        tracing::debug!(index, "cached block was purged by the OS; releasing it");
+        self.release_blocks(pool, vec![purged]);
+    }
+
     #[cold]
     #[inline(never)]
     fn allocate_miss(
@@ -289,8 +314,11 @@ impl PoolManager {
         stream: StreamId,
     ) -> Result<Allocation, PoolError> {
         let cache = &pool.caches[index];
-        if let Some(idle) = cache.steal(shard, stream, requested_bytes) {
-            return self.hand_out(pool, idle, index, requested_bytes, stream);
+        if let Some((idle, counted_in)) = cache.steal(shard, stream, requested_bytes) {
+            if !pool.purgeable || pool.backend.reclaim(&idle.block) {
+                return self.hand_out(pool, idle, index, requested_bytes, stream);
+            }
+            self.drop_purged(pool, index, counted_in, idle, requested_bytes);
         }
         self.fence_foreign_blocks(pool, cache, stream);
         let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
@@ -482,6 +510,10 @@ impl PoolManager {
         requested_bytes: usize,
     ) {
         record.epoch = self.epoch.load(Ordering::Relaxed);
+        if pool.purgeable {
+            // Before the block becomes visible to other threads, never after.
+            pool.backend.make_purgeable(&record.block);
+        }
         let outcome = pool.caches[index].give_back(
             thread_shard(),
             record,
@@ -640,6 +672,9 @@ impl PoolManager {
             };
             let mut idle = BlockRecord::boxed(block, StreamId::DEFAULT);
             idle.epoch = self.epoch.load(Ordering::Relaxed);
+            if pool.purgeable {
+                pool.backend.make_purgeable(&idle.block);
+            }
             if let Err(idle) = cache.add_prewarmed(shard, idle) {
                 pool.backend.release(idle.block);
                 self.unreserve(pool, class_bytes as u64);

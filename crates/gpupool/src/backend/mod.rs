@@ -207,6 +207,22 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether idle blocks may be handed to the OS while cached (Metal purgeable state). When
+    /// true, the pool calls [`Backend::make_purgeable`] before a block enters a cache and
+    /// [`Backend::reclaim`] when it leaves one.
+    fn purgeable_idle_blocks(&self) -> bool {
+        false
+    }
+
+    /// Marks an idle block's contents as discardable (Metal: `Volatile`).
+    fn make_purgeable(&self, _block: &Block) {}
+
+    /// Makes a cached block's memory stable again (Metal: `NonVolatile`). Returns false if the
+    /// OS discarded it meanwhile; the pool then releases it and serves the request as a miss.
+    fn reclaim(&self, _block: &Block) -> bool {
+        true
+    }
+
     /// Fills a block with zeros in stream order (for `zero_on_reuse`).
     fn zero(&self, block: &Block, _stream: StreamId) -> Result<(), BackendError> {
         match block.host_ptr {

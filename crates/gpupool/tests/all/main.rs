@@ -1,0 +1,7 @@
+//! One integration-test binary (it links once, which matters on a 2-core CI), a module per area.
+
+mod common;
+mod core;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod metal_like;

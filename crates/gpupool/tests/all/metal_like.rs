@@ -1,0 +1,1 @@
+//! Metal-like backend tests on Linux (being written).

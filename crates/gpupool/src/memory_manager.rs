@@ -44,6 +44,14 @@ struct Handle {
     _maintenance: Option<Maintenance>,
 }
 
+impl Drop for Handle {
+    /// With the last handle gone no request can come again: release the caches now, and let
+    /// buffers still alive release their blocks when they drop instead of caching them.
+    fn drop(&mut self) {
+        self.pool.set_pooling(false);
+    }
+}
+
 /// The front door: allocate typed buffers, switch pooling, trim, and read statistics.
 ///
 /// ```

@@ -1,1 +1,54 @@
 //! Helpers shared by the test modules.
+
+use gpupool::backend::sim::{SimBackend, SimConfig};
+use gpupool::{MemoryManager, PoolConfig, PoolStats};
+
+/// A manager over a fresh simulated device, with maintenance off so tests are deterministic.
+pub fn sim_manager(config: gpupool::PoolConfigBuilder) -> (MemoryManager, SimBackend) {
+    sim_manager_on(SimConfig::default(), config)
+}
+
+/// As `sim_manager`, with device settings.
+pub fn sim_manager_on(
+    sim_config: SimConfig,
+    config: gpupool::PoolConfigBuilder,
+) -> (MemoryManager, SimBackend) {
+    let sim = SimBackend::new(sim_config);
+    let config = config
+        .maintenance_interval(std::time::Duration::ZERO)
+        .build()
+        .expect("valid test configuration");
+    let manager = MemoryManager::with_config(sim.clone(), config).expect("manager");
+    (manager, sim)
+}
+
+/// The default configuration builder.
+pub fn defaults() -> gpupool::PoolConfigBuilder {
+    PoolConfig::builder()
+}
+
+/// Checks the identities every snapshot must satisfy, against the simulated device's ledger.
+pub fn assert_consistent(stats: &PoolStats, sim: &SimBackend) {
+    let totals = &stats.totals;
+    assert_eq!(totals.reserved_bytes, totals.in_use_bytes + totals.cached_bytes);
+    assert_eq!(
+        totals.blocks_held,
+        totals.backend_allocations - totals.backend_releases
+    );
+    assert_eq!(totals.requests, totals.hits + totals.misses + totals.bypasses);
+    let ledger = sim.counters();
+    assert_eq!(totals.blocks_held, ledger.live_allocations);
+    assert_eq!(totals.reserved_bytes, ledger.live_bytes);
+    assert_eq!(ledger.invalid_releases, 0);
+    for device in &stats.devices {
+        for class in &device.classes {
+            assert_eq!(class.requests, class.hits + class.misses);
+            assert_eq!(class.in_use_bytes, class.in_use_blocks * class.class_bytes);
+            assert_eq!(class.cached_bytes, class.cached_blocks * class.class_bytes);
+            assert_eq!(
+                class.backend_allocations - class.backend_releases,
+                class.in_use_blocks + class.cached_blocks
+            );
+        }
+    }
+}

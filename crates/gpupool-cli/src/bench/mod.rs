@@ -1,0 +1,483 @@
+//! `gpupool bench`: the seed's workloads and the hit-path latency, with peers in the same run.
+//!
+//! 1. seed-4k: 1,000 × (allocate 4,096 B, drop), pooling off (direct) vs on.
+//! 2. seed-mixed: {256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB, 256 KiB} × 500 each, per-size rows.
+//! 3. hit-path latency: allocate+drop pairs of a cached block (256 B, 4 KiB, 1 MiB), p50/p99.
+//! 4. peers: a naive pool (one mutex, one `Vec` per power-of-two class) on the same backend,
+//!    and on CUDA the driver's own allocators.
+//!
+//! Each timed figure is the median of several runs on fresh managers; counts come from one run.
+
+mod naive;
+mod timing;
+
+#[cfg(feature = "cuda")]
+mod cuda_peers;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, PoolStats};
+use serde::Serialize;
+
+use crate::backend_choice::BackendName;
+use naive::NaivePool;
+use timing::{median_ms, pair_percentiles};
+
+/// Runs of each timed workload; the median is reported.
+const RUNS: usize = 7;
+const SEED_ITERATIONS: usize = 1000;
+const MIXED_SIZES: [usize; 6] = [256, 1024, 4096, 16384, 65536, 262144];
+const MIXED_ITERATIONS: usize = 500;
+const LATENCY_SIZES: [usize; 3] = [256, 4096, 1 << 20];
+
+/// The whole benchmark report (the JSON output).
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// The backend measured.
+    pub backend: String,
+    /// The device (GPU name, or host memory and CPU).
+    pub device: String,
+    /// The host CPU.
+    pub cpu: String,
+    /// seed-4k and seed-mixed.
+    pub workloads: Vec<WorkloadReport>,
+    /// Hit-path latency per size.
+    pub latency: Vec<LatencyReport>,
+    /// Multi-thread throughput.
+    pub throughput: Vec<ThroughputReport>,
+    /// The pooled manager's statistics after seed-mixed.
+    #[serde(skip)]
+    pub final_stats: Option<PoolStats>,
+}
+
+/// One seed workload, direct vs pooled.
+#[derive(Debug, Serialize)]
+pub struct WorkloadReport {
+    /// "seed-4k" or "seed-mixed".
+    pub name: String,
+    /// Allocate calls.
+    pub requests: u64,
+    /// Backend allocations with pooling on.
+    pub backend_allocations: u64,
+    /// Backend allocations with pooling off.
+    pub direct_backend_allocations: u64,
+    /// hits / (hits + misses).
+    pub hit_rate: f64,
+    /// 1 − backend allocations / requests.
+    pub allocation_reduction: f64,
+    /// Median time with pooling off.
+    pub direct_ms: f64,
+    /// Median time with pooling on.
+    pub pooled_ms: f64,
+    /// direct_ms / pooled_ms.
+    pub speedup: f64,
+    /// Median time of the naive pool on the same workload.
+    pub naive_ms: f64,
+    /// Per-size rows (seed-mixed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sizes: Vec<SizeRow>,
+}
+
+/// One size of the mixed workload.
+#[derive(Debug, Serialize)]
+pub struct SizeRow {
+    /// Requested bytes.
+    pub bytes: u64,
+    /// Requests of this size.
+    pub requests: u64,
+    /// Backend allocations of its class.
+    pub backend_allocations: u64,
+    /// Hit rate of its class.
+    pub hit_rate: f64,
+    /// requested bytes / block bytes.
+    pub efficiency: f64,
+}
+
+/// Hit-path latency of one size.
+#[derive(Debug, Serialize)]
+pub struct LatencyReport {
+    /// Requested bytes.
+    pub bytes: u64,
+    /// gpupool pair p50.
+    pub p50_ns: f64,
+    /// gpupool pair p99.
+    pub p99_ns: f64,
+    /// Naive pool pair p50.
+    pub naive_p50_ns: f64,
+    /// Naive pool pair p99.
+    pub naive_p99_ns: f64,
+    /// Pooling off (a backend allocation and release per pair), p50.
+    pub direct_p50_ns: f64,
+    /// Driver peers (CUDA): name → p50 ns.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerLatency>,
+}
+
+/// A driver allocator's pair latency.
+#[derive(Debug, Serialize)]
+pub struct PeerLatency {
+    /// The peer's name.
+    pub name: String,
+    /// Pair p50.
+    pub p50_ns: f64,
+    /// Pair p99.
+    pub p99_ns: f64,
+}
+
+/// Pairs per second with several threads.
+#[derive(Debug, Serialize)]
+pub struct ThroughputReport {
+    /// The allocator.
+    pub allocator: String,
+    /// Threads (one stream each).
+    pub threads: usize,
+    /// Allocate+free pairs per second over all threads.
+    pub pairs_per_second: f64,
+}
+
+fn manager(backend: &Arc<dyn Backend>, pooling: bool) -> Result<MemoryManager, PoolError> {
+    let config = PoolConfig::builder()
+        .pooling(pooling)
+        .maintenance_interval(std::time::Duration::ZERO)
+        .build()?;
+    MemoryManager::with_devices(vec![backend.clone()], config)
+}
+
+/// Times `RUNS` runs of `work` on fresh managers; returns the median and the last stats.
+fn timed_runs(
+    backend: &Arc<dyn Backend>,
+    pooling: bool,
+    work: impl Fn(&MemoryManager) -> Result<(), PoolError>,
+) -> Result<(f64, PoolStats), PoolError> {
+    let mut times = Vec::with_capacity(RUNS);
+    let mut stats = None;
+    for _ in 0..RUNS {
+        let manager = manager(backend, pooling)?;
+        let start = Instant::now();
+        work(&manager)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        stats = Some(manager.stats());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((timing::percentile(&times, 0.5), stats.expect("runs")))
+}
+
+fn seed_4k(manager: &MemoryManager) -> Result<(), PoolError> {
+    for _ in 0..SEED_ITERATIONS {
+        drop(manager.allocate_bytes(std::hint::black_box(4096))?);
+    }
+    Ok(())
+}
+
+fn seed_mixed(manager: &MemoryManager) -> Result<(), PoolError> {
+    for &bytes in &MIXED_SIZES {
+        for _ in 0..MIXED_ITERATIONS {
+            drop(manager.allocate_bytes(std::hint::black_box(bytes))?);
+        }
+    }
+    Ok(())
+}
+
+fn naive_ms(backend: &Arc<dyn Backend>, sizes: &[usize], iterations: usize) -> f64 {
+    median_ms(RUNS, || {
+        let pool = NaivePool::new(backend.clone());
+        for &bytes in sizes {
+            for _ in 0..iterations {
+                let block = pool.allocate(std::hint::black_box(bytes));
+                pool.free(block);
+            }
+        }
+    })
+    .0
+}
+
+fn workload(
+    backend: &Arc<dyn Backend>,
+    name: &str,
+    work: fn(&MemoryManager) -> Result<(), PoolError>,
+    sizes: &[usize],
+    iterations: usize,
+) -> Result<(WorkloadReport, PoolStats), PoolError> {
+    let (direct_ms, direct) = timed_runs(backend, false, work)?;
+    let (pooled_ms, pooled) = timed_runs(backend, true, work)?;
+    let naive_ms = naive_ms(backend, sizes, iterations);
+    let totals = &pooled.totals;
+    let rows = if sizes.len() > 1 {
+        sizes
+            .iter()
+            .map(|&bytes| {
+                let row = pooled.devices[0]
+                    .classes
+                    .iter()
+                    .find(|row| row.class_bytes >= bytes as u64)
+                    .expect("every mixed size has a class row");
+                SizeRow {
+                    bytes: bytes as u64,
+                    requests: row.requests,
+                    backend_allocations: row.backend_allocations,
+                    hit_rate: row.hit_rate,
+                    efficiency: bytes as f64 / row.class_bytes as f64,
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let report = WorkloadReport {
+        name: name.to_string(),
+        requests: totals.requests,
+        backend_allocations: totals.backend_allocations,
+        direct_backend_allocations: direct.totals.backend_allocations,
+        hit_rate: totals.hit_rate,
+        allocation_reduction: totals.allocation_reduction,
+        direct_ms,
+        pooled_ms,
+        speedup: direct_ms / pooled_ms,
+        naive_ms,
+        sizes: rows,
+    };
+    Ok((report, pooled))
+}
+
+fn latency(backend: &Arc<dyn Backend>, bytes: usize) -> Result<LatencyReport, PoolError> {
+    const BATCHES: usize = 5000;
+    const PAIRS: usize = 100;
+    let pooled = manager(backend, true)?;
+    drop(pooled.allocate_bytes(bytes)?);
+    let (p50_ns, p99_ns) = pair_percentiles(BATCHES, PAIRS, || {
+        let buffer = pooled
+            .allocate_bytes(std::hint::black_box(bytes))
+            .expect("cached block");
+        std::hint::black_box(&buffer);
+    });
+    let naive = NaivePool::new(backend.clone());
+    let (naive_p50_ns, naive_p99_ns) = pair_percentiles(BATCHES, PAIRS, || {
+        let block = naive.allocate(std::hint::black_box(bytes));
+        naive.free(std::hint::black_box(block));
+    });
+    let direct = manager(backend, false)?;
+    let (direct_p50_ns, _) = pair_percentiles(200, 10, || {
+        drop(direct.allocate_bytes(std::hint::black_box(bytes)).expect("direct"));
+    });
+    Ok(LatencyReport {
+        bytes: bytes as u64,
+        p50_ns,
+        p99_ns,
+        naive_p50_ns,
+        naive_p99_ns,
+        direct_p50_ns,
+        peers: Vec::new(),
+    })
+}
+
+/// Threads of the throughput runs.
+pub const THROUGHPUT_THREADS: [usize; 3] = [1, 4, 16];
+/// Pairs each thread runs.
+const THROUGHPUT_PAIRS: usize = 100_000;
+
+/// Pairs per second of `threads` threads each running `pairs` calls of `pair(thread)`.
+pub fn threaded_rate(threads: usize, pairs: usize, pair: impl Fn(usize) + Sync) -> f64 {
+    let barrier = std::sync::Barrier::new(threads);
+    // Each thread times itself; the run spans from the first start to the last end.
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|thread| {
+                let barrier = &barrier;
+                let pair = &pair;
+                scope.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for _ in 0..pairs {
+                        pair(thread);
+                    }
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("benchmark thread"))
+            .collect()
+    });
+    let first = spans.iter().map(|span| span.0).min().expect("threads");
+    let last = spans.iter().map(|span| span.1).max().expect("threads");
+    (threads * pairs) as f64 / last.duration_since(first).as_secs_f64()
+}
+
+/// gpupool and the naive pool, 4 KiB pairs, with 1, 4 and 16 threads.
+fn throughput(
+    backend: &Arc<dyn Backend>,
+    streams: &[gpupool::StreamId],
+) -> Result<Vec<ThroughputReport>, PoolError> {
+    let mut rows = Vec::new();
+    for threads in THROUGHPUT_THREADS {
+        let pooled = manager(backend, true)?;
+        let rate = threaded_rate(threads, THROUGHPUT_PAIRS, |thread| {
+            let options = gpupool::AllocOptions {
+                stream: streams[thread % streams.len()],
+                ..gpupool::AllocOptions::default()
+            };
+            drop(pooled.allocate_with::<u8>(4096, options).expect("pooled"));
+        });
+        rows.push(ThroughputReport {
+            allocator: "gpupool".into(),
+            threads,
+            pairs_per_second: rate,
+        });
+        let naive = NaivePool::new(backend.clone());
+        let rate = threaded_rate(threads, THROUGHPUT_PAIRS, |_| {
+            naive.free(naive.allocate(4096));
+        });
+        rows.push(ThroughputReport {
+            allocator: "naive pool".into(),
+            threads,
+            pairs_per_second: rate,
+        });
+    }
+    Ok(rows)
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Runs every workload on `backend`.
+pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
+    let backend = backend_name.create()?;
+    let (seed_4k_report, _) = workload(&backend, "seed-4k", seed_4k, &[4096], SEED_ITERATIONS)?;
+    let (mixed_report, mixed_stats) =
+        workload(&backend, "seed-mixed", seed_mixed, &MIXED_SIZES, MIXED_ITERATIONS)?;
+    let mut latency_rows = LATENCY_SIZES
+        .iter()
+        .map(|&bytes| latency(&backend, bytes))
+        .collect::<Result<Vec<_>, _>>()?;
+    #[cfg(feature = "cuda")]
+    let throughput = if backend.name() == "cuda" {
+        cuda_peers::add_peers(&backend, &mut latency_rows)?
+    } else {
+        throughput(&backend, &[gpupool::StreamId::DEFAULT])?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let throughput = throughput(&backend, &[gpupool::StreamId::DEFAULT])?;
+    Ok(BenchReport {
+        backend: backend.name().to_string(),
+        device: backend.device_name(),
+        cpu: cpu_name(),
+        workloads: vec![seed_4k_report, mixed_report],
+        latency: std::mem::take(&mut latency_rows),
+        throughput,
+        final_stats: Some(mixed_stats),
+    })
+}
+
+fn thousands(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// The seed's tables, as text.
+pub fn render_text(report: &BenchReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "gpupool bench: backend {} ({}), CPU {}", report.backend, report.device, report.cpu);
+    for workload in &report.workloads {
+        let _ = writeln!(out);
+        if workload.sizes.is_empty() {
+            let _ = writeln!(out, "Allocation Reduction Test ({})", workload.name);
+            let _ = writeln!(out, "Iterations: {}", thousands(workload.requests));
+            let _ = writeln!(out, "Buffer Size: 4,096 bytes");
+        } else {
+            let _ = writeln!(out, "Mixed Size Workload ({})", workload.name);
+            let _ = writeln!(out, "Iterations: {MIXED_ITERATIONS} per size");
+            let _ = writeln!(out, "Buffer Sizes: 256B, 1KB, 4KB, 16KB, 64KB, 256KB");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Direct Allocations: {}", thousands(workload.direct_backend_allocations));
+        let _ = writeln!(out, "Direct Time: {:.3} ms", workload.direct_ms);
+        let _ = writeln!(out, "Pooled Allocations: {}", thousands(workload.backend_allocations));
+        let _ = writeln!(out, "Pooled Time: {:.3} ms", workload.pooled_ms);
+        let _ = writeln!(out, "Pool Hit Rate: {:.2}%", workload.hit_rate * 100.0);
+        let _ = writeln!(out, "Allocation Reduction: {:.1}%", workload.allocation_reduction * 100.0);
+        let _ = writeln!(out, "Performance Speedup: {:.2}x", workload.speedup);
+        let _ = writeln!(
+            out,
+            "Naive Pool Time: {:.3} ms (gpupool is {:.2}x the naive pool's speed)",
+            workload.naive_ms,
+            workload.naive_ms / workload.pooled_ms
+        );
+        if !workload.sizes.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "Per-Size Statistics:");
+            for row in &workload.sizes {
+                let _ = writeln!(
+                    out,
+                    "  {:>9} bytes: {:>5} allocs, {:>5.1}% hit rate, {} backend allocations, {:>5.1}% efficiency",
+                    row.bytes,
+                    row.requests,
+                    row.hit_rate * 100.0,
+                    row.backend_allocations,
+                    row.efficiency * 100.0
+                );
+            }
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Hit Path Latency (allocate + drop of a cached block, ns per pair)");
+    let _ = writeln!(
+        out,
+        "  {:>9}  {:>8} {:>8}  {:>9} {:>9}  {:>10}  {:>12}",
+        "bytes", "p50", "p99", "naive p50", "naive p99", "direct p50", "naive/gpupool"
+    );
+    for row in &report.latency {
+        let _ = writeln!(
+            out,
+            "  {:>9}  {:>8.1} {:>8.1}  {:>9.1} {:>9.1}  {:>10.1}  {:>12.2}x",
+            row.bytes,
+            row.p50_ns,
+            row.p99_ns,
+            row.naive_p50_ns,
+            row.naive_p99_ns,
+            row.direct_p50_ns,
+            row.naive_p50_ns / row.p50_ns
+        );
+        for peer in &row.peers {
+            let _ = writeln!(
+                out,
+                "  {:>9}  {:<28} p50 {:>9.1}  p99 {:>9.1}  ({:.1}x gpupool's p50)",
+                "",
+                peer.name,
+                peer.p50_ns,
+                peer.p99_ns,
+                peer.p50_ns / row.p50_ns
+            );
+        }
+    }
+    if !report.throughput.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Throughput (allocate + free pairs per second, one stream per thread)");
+        for row in &report.throughput {
+            let _ = writeln!(
+                out,
+                "  {:<28} {:>2} threads: {:>14.0} pairs/s",
+                row.allocator, row.threads, row.pairs_per_second
+            );
+        }
+    }
+    out
+}

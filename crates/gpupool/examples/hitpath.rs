@@ -15,6 +15,10 @@ fn main() {
             samples.push(start.elapsed().as_nanos() as f64 / 100.0);
         }
         samples.sort_by(f64::total_cmp);
-        println!("{bytes}: p50 {:.1} ns p99 {:.1} ns", samples[samples.len() / 2], samples[samples.len() * 99 / 100]);
+        println!(
+            "{bytes}: p50 {:.1} ns p99 {:.1} ns",
+            samples[samples.len() / 2],
+            samples[samples.len() * 99 / 100]
+        );
     }
 }

@@ -133,7 +133,10 @@ impl<T> PooledBuffer<T> {
     /// Declares that GPU work up to `fence` uses this buffer: after the drop, its block goes
     /// to no new owner until the fence completes (Metal: a command buffer's completion).
     pub fn used_by(&mut self, fence: Arc<dyn Fence>) {
-        self.gates.get_or_insert_with(Box::default).fences.push(fence);
+        self.gates
+            .get_or_insert_with(Box::default)
+            .fences
+            .push(fence);
     }
 
     /// Declares that work on `stream` (besides the buffer's own) uses this buffer, like
@@ -153,9 +156,9 @@ impl<T> PooledBuffer<T> {
 impl<T: bytemuck::Pod> PooledBuffer<T> {
     /// The elements, for host-visible memory.
     pub fn as_slice(&self) -> Result<&[T], PoolError> {
-        let ptr = self.host_ptr().ok_or(PoolError::NotHostVisible {
-            kind: self.kind(),
-        })?;
+        let ptr = self
+            .host_ptr()
+            .ok_or(PoolError::NotHostVisible { kind: self.kind() })?;
         // SAFETY: the block is host-visible, holds at least `len × size_of::<T>()` initialised
         // bytes (backends hand out initialised host memory, see `Block::new`), is aligned to
         // `BLOCK_ALIGN` which the manager checked against `align_of::<T>()`, and is owned by
@@ -165,9 +168,9 @@ impl<T: bytemuck::Pod> PooledBuffer<T> {
 
     /// The elements, mutably, for host-visible memory.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T], PoolError> {
-        let ptr = self.host_ptr().ok_or(PoolError::NotHostVisible {
-            kind: self.kind(),
-        })?;
+        let ptr = self
+            .host_ptr()
+            .ok_or(PoolError::NotHostVisible { kind: self.kind() })?;
         // SAFETY: as in `as_slice`; `&mut self` makes the access exclusive.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr, self.len) })
     }
@@ -181,7 +184,10 @@ impl<T> fmt::Debug for PooledBuffer<T> {
             .field("block_bytes", &self.record.block.bytes())
             .field("kind", &self.record.block.kind())
             .field("device", &self.device)
-            .field("device_address", &format_args!("{:#x}", self.record.block.device_address()))
+            .field(
+                "device_address",
+                &format_args!("{:#x}", self.record.block.device_address()),
+            )
             .finish()
     }
 }

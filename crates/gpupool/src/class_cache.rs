@@ -17,6 +17,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::backend::{Block, StreamId};
 use crate::fence::Pending;
+use crate::latency::Histogram;
 
 /// A block with what still holds it back and when it went idle. Boxed once, when the block
 /// comes from the backend, so the hit path moves one pointer between cache and buffer instead
@@ -130,6 +131,10 @@ pub(crate) struct ClassCache {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
     /// Idle blocks over all shards, plus slots reserved by blocks being cached right now.
     idle_blocks: CachePadded<AtomicUsize>,
+    /// Sampled hit latencies.
+    pub hit_latency: Histogram,
+    /// Miss latencies (every miss).
+    pub miss_latency: Histogram,
 }
 
 impl ClassCache {
@@ -149,6 +154,8 @@ impl ClassCache {
                 })
                 .collect(),
             idle_blocks: CachePadded::new(AtomicUsize::new(0)),
+            hit_latency: Histogram::default(),
+            miss_latency: Histogram::default(),
         }
     }
 
@@ -235,8 +242,7 @@ impl ClassCache {
         requested_bytes: usize,
         pooling: bool,
     ) -> GiveBack {
-        let admitted =
-            pooling && self.idle_blocks.fetch_add(1, Ordering::Relaxed) < self.max_idle;
+        let admitted = pooling && self.idle_blocks.fetch_add(1, Ordering::Relaxed) < self.max_idle;
         if pooling && !admitted {
             self.idle_blocks.fetch_sub(1, Ordering::Relaxed);
         }
@@ -282,7 +288,10 @@ impl ClassCache {
         let mut removed = Vec::new();
         for index in 0..self.shards.len() {
             let mut shard = self.shard(index);
-            let mut budget = self.idle_blocks.load(Ordering::Relaxed).saturating_sub(keep);
+            let mut budget = self
+                .idle_blocks
+                .load(Ordering::Relaxed)
+                .saturating_sub(keep);
             if budget == 0 {
                 break;
             }
@@ -307,7 +316,9 @@ impl ClassCache {
 
     /// Locks every shard, in index order (the only order in which several are ever held).
     pub fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
-        (0..self.shards.len()).map(|index| self.shard(index)).collect()
+        (0..self.shards.len())
+            .map(|index| self.shard(index))
+            .collect()
     }
 
     /// Sums the counters of every shard (locking them one after another).

@@ -139,9 +139,9 @@ impl MemoryManager {
                 count,
                 element_bytes,
             })?;
-        let allocation = self
-            .pool()
-            .allocate(options.device, bytes, options.kind, options.stream)?;
+        let allocation =
+            self.pool()
+                .allocate(options.device, bytes, options.kind, options.stream)?;
         Ok(PooledBuffer::new(
             self.pool().clone(),
             allocation,

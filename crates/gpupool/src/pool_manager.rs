@@ -14,6 +14,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,7 @@ use crate::class_cache::{BlockRecord, ClassCache, GiveBack, IdleBlock};
 use crate::config::PoolConfig;
 use crate::error::PoolError;
 use crate::fence::{CompletedFence, Fence};
+use crate::latency;
 use crate::size_class::BLOCK_ALIGN;
 use crate::stats::{BypassStats, ClassStats, DeviceStats, PoolStats, Totals};
 
@@ -117,23 +119,43 @@ pub struct PoolManager {
     epoch: AtomicU64,
 }
 
-/// This thread's shard number, assigned round-robin on first use so that threads spread over
-/// the shards of every class.
+thread_local! {
+    /// This thread's shard number (assigned round-robin on first use, so threads spread over
+    /// the shards of every class) and its countdown to the next timed hit; one thread-local
+    /// so the hit path looks it up once.
+    static THREAD_STATE: (Cell<usize>, Cell<u32>) = const { (Cell::new(usize::MAX), Cell::new(0)) };
+}
+
+#[inline]
+fn shard_of(state: &Cell<usize>) -> usize {
+    static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+    let current = state.get();
+    if current != usize::MAX {
+        return current;
+    }
+    let assigned = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
+    state.set(assigned);
+    assigned
+}
+
+/// Records a sampled hit's time, out of line so the hit path's code stays compact.
+#[cold]
+#[inline(never)]
+fn record_hit_latency(cache: &ClassCache, start: Instant) {
+    cache.hit_latency.record(start.elapsed().as_nanos() as u64);
+}
+
+/// This thread's shard number.
 #[inline]
 fn thread_shard() -> usize {
-    thread_local! {
-        static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-    }
-    static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-    SHARD.with(|shard| {
-        let current = shard.get();
-        if current != usize::MAX {
-            return current;
-        }
-        let assigned = NEXT_SHARD.fetch_add(1, Ordering::Relaxed);
-        shard.set(assigned);
-        assigned
-    })
+    THREAD_STATE.with(|(shard, _)| shard_of(shard))
+}
+
+/// This thread's shard number, and whether to time this request.
+#[inline]
+fn thread_shard_and_sample() -> (usize, bool) {
+    THREAD_STATE
+        .with(|(shard, countdown)| (shard_of(shard), latency::countdown_to_sample(countdown)))
 }
 
 impl PoolManager {
@@ -238,9 +260,13 @@ impl PoolManager {
         let result = match class {
             Some(class) => {
                 let index = class * pool.kinds.len() + slot;
-                let shard = thread_shard();
+                let (shard, sampled) = thread_shard_and_sample();
+                let sample_start = sampled.then(Instant::now);
                 match pool.caches[index].take(shard, stream, bytes) {
                     Some(idle) if !pool.purgeable || pool.backend.reclaim(&idle.block) => {
+                        if let Some(start) = sample_start {
+                            record_hit_latency(&pool.caches[index], start);
+                        }
                         self.hand_out(pool, idle, index, bytes, stream)
                     }
                     Some(purged) => {
@@ -313,6 +339,7 @@ impl PoolManager {
         kind: MemoryKind,
         stream: StreamId,
     ) -> Result<Allocation, PoolError> {
+        let start = Instant::now();
         let cache = &pool.caches[index];
         if let Some((idle, counted_in)) = cache.steal(shard, stream, requested_bytes) {
             if !pool.purgeable || pool.backend.reclaim(&idle.block) {
@@ -323,6 +350,7 @@ impl PoolManager {
         self.fence_foreign_blocks(pool, cache, stream);
         let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
         cache.record_miss(shard, requested_bytes);
+        cache.miss_latency.record(start.elapsed().as_nanos() as u64);
         tracing::debug!(
             class_bytes = cache.class_bytes(),
             requested_bytes,
@@ -343,7 +371,10 @@ impl PoolManager {
                 return;
             }
             let owner = idle.pending.stream;
-            let fence = match recorded.iter().find(|(recorded_on, _)| *recorded_on == owner) {
+            let fence = match recorded
+                .iter()
+                .find(|(recorded_on, _)| *recorded_on == owner)
+            {
                 Some((_, fence)) => fence.clone(),
                 None => {
                     let fence: Arc<dyn Fence> = match pool.backend.record_fence(owner) {
@@ -475,7 +506,8 @@ impl PoolManager {
             }
         };
         if new_total > pool.peak_reserved_bytes.load(Ordering::Relaxed) {
-            pool.peak_reserved_bytes.fetch_max(new_total, Ordering::Relaxed);
+            pool.peak_reserved_bytes
+                .fetch_max(new_total, Ordering::Relaxed);
         }
         true
     }
@@ -560,7 +592,12 @@ impl PoolManager {
     }
 
     /// Releases idle blocks of every class on one device down to `keep` per class.
-    fn release_idle(&self, pool: &DevicePool, keep: usize, idle_since: Option<u64>) -> ReleaseReport {
+    fn release_idle(
+        &self,
+        pool: &DevicePool,
+        keep: usize,
+        idle_since: Option<u64>,
+    ) -> ReleaseReport {
         let blocks = pool
             .caches
             .iter()
@@ -593,7 +630,11 @@ impl PoolManager {
             report.add(self.release_idle(pool, self.config.min_idle_per_class, Some(now - 2)));
         }
         if report.blocks > 0 {
-            tracing::info!(blocks = report.blocks, bytes = report.bytes, "maintenance released idle blocks");
+            tracing::info!(
+                blocks = report.blocks,
+                bytes = report.bytes,
+                "maintenance released idle blocks"
+            );
         }
         report
     }
@@ -746,6 +787,8 @@ impl PoolManager {
                     cached_bytes: counters.idle_blocks * class_bytes,
                     requested_live_bytes: counters.requested_live_bytes.max(0) as u64,
                     hit_rate: crate::stats::ratio(counters.hits, counters.hits + counters.misses),
+                    hit_latency: pool.caches[index].hit_latency.summary(),
+                    miss_latency: pool.caches[index].miss_latency.summary(),
                 };
                 device_totals.requests += row.requests;
                 device_totals.hits += row.hits;

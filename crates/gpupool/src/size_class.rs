@@ -125,7 +125,9 @@ mod tests {
             (256 * MIB + 1, None),
         ];
         for (request, expected) in cases {
-            let got = classes.class_for(request).map(|index| classes.class_bytes(index));
+            let got = classes
+                .class_for(request)
+                .map(|index| classes.class_bytes(index));
             assert_eq!(got, expected, "request {request}");
         }
     }
@@ -158,7 +160,10 @@ mod tests {
         assert!(classes.sizes().iter().all(|size| size % BLOCK_ALIGN == 0));
         for request in (1024..=16 * MIB).step_by(4099) {
             let block = classes.class_bytes(classes.class_for(request).unwrap());
-            assert!((block - request) as f64 / block as f64 <= 0.2, "{request} -> {block}");
+            assert!(
+                (block - request) as f64 / block as f64 <= 0.2,
+                "{request} -> {block}"
+            );
         }
     }
 

@@ -21,6 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::MemoryKind;
+pub use crate::latency::LatencySummary;
 
 /// One consistent snapshot of the whole pool.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,6 +90,10 @@ pub struct ClassStats {
     pub requested_live_bytes: u64,
     /// hits / (hits + misses).
     pub hit_rate: f64,
+    /// Sampled latency of hits (one in 64 per thread).
+    pub hit_latency: LatencySummary,
+    /// Latency of misses (every miss, backend allocation included).
+    pub miss_latency: LatencySummary,
 }
 
 /// Figures of requests that bypass the classes.
@@ -178,7 +183,8 @@ impl Totals {
         };
         self.idle_fraction = ratio(self.cached_bytes, self.reserved_bytes);
         self.memory_efficiency = ratio(self.requested_live_bytes, self.reserved_bytes);
-        self.memory_pressure = pressure_basis.map_or(0.0, |basis| ratio(self.reserved_bytes, basis));
+        self.memory_pressure =
+            pressure_basis.map_or(0.0, |basis| ratio(self.reserved_bytes, basis));
     }
 
     /// Adds another device's counters (not its derived metrics).

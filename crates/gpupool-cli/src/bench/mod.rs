@@ -258,7 +258,11 @@ fn latency(backend: &Arc<dyn Backend>, bytes: usize) -> Result<LatencyReport, Po
     });
     let direct = manager(backend, false)?;
     let (direct_p50_ns, _) = pair_percentiles(200, 10, || {
-        drop(direct.allocate_bytes(std::hint::black_box(bytes)).expect("direct"));
+        drop(
+            direct
+                .allocate_bytes(std::hint::black_box(bytes))
+                .expect("direct"),
+        );
     });
     Ok(LatencyReport {
         bytes: bytes as u64,
@@ -354,8 +358,13 @@ fn cpu_name() -> String {
 pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
     let backend = backend_name.create()?;
     let (seed_4k_report, _) = workload(&backend, "seed-4k", seed_4k, &[4096], SEED_ITERATIONS)?;
-    let (mixed_report, mixed_stats) =
-        workload(&backend, "seed-mixed", seed_mixed, &MIXED_SIZES, MIXED_ITERATIONS)?;
+    let (mixed_report, mixed_stats) = workload(
+        &backend,
+        "seed-mixed",
+        seed_mixed,
+        &MIXED_SIZES,
+        MIXED_ITERATIONS,
+    )?;
     let mut latency_rows = LATENCY_SIZES
         .iter()
         .map(|&bytes| latency(&backend, bytes))
@@ -395,7 +404,11 @@ fn thousands(value: u64) -> String {
 pub fn render_text(report: &BenchReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "gpupool bench: backend {} ({}), CPU {}", report.backend, report.device, report.cpu);
+    let _ = writeln!(
+        out,
+        "gpupool bench: backend {} ({}), CPU {}",
+        report.backend, report.device, report.cpu
+    );
     for workload in &report.workloads {
         let _ = writeln!(out);
         if workload.sizes.is_empty() {
@@ -408,12 +421,24 @@ pub fn render_text(report: &BenchReport) -> String {
             let _ = writeln!(out, "Buffer Sizes: 256B, 1KB, 4KB, 16KB, 64KB, 256KB");
         }
         let _ = writeln!(out);
-        let _ = writeln!(out, "Direct Allocations: {}", thousands(workload.direct_backend_allocations));
+        let _ = writeln!(
+            out,
+            "Direct Allocations: {}",
+            thousands(workload.direct_backend_allocations)
+        );
         let _ = writeln!(out, "Direct Time: {:.3} ms", workload.direct_ms);
-        let _ = writeln!(out, "Pooled Allocations: {}", thousands(workload.backend_allocations));
+        let _ = writeln!(
+            out,
+            "Pooled Allocations: {}",
+            thousands(workload.backend_allocations)
+        );
         let _ = writeln!(out, "Pooled Time: {:.3} ms", workload.pooled_ms);
         let _ = writeln!(out, "Pool Hit Rate: {:.2}%", workload.hit_rate * 100.0);
-        let _ = writeln!(out, "Allocation Reduction: {:.1}%", workload.allocation_reduction * 100.0);
+        let _ = writeln!(
+            out,
+            "Allocation Reduction: {:.1}%",
+            workload.allocation_reduction * 100.0
+        );
         let _ = writeln!(out, "Performance Speedup: {:.2}x", workload.speedup);
         let _ = writeln!(
             out,
@@ -438,7 +463,10 @@ pub fn render_text(report: &BenchReport) -> String {
         }
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "Hit Path Latency (allocate + drop of a cached block, ns per pair)");
+    let _ = writeln!(
+        out,
+        "Hit Path Latency (allocate + drop of a cached block, ns per pair)"
+    );
     let _ = writeln!(
         out,
         "  {:>9}  {:>8} {:>8}  {:>9} {:>9}  {:>10}  {:>12}",
@@ -468,9 +496,25 @@ pub fn render_text(report: &BenchReport) -> String {
             );
         }
     }
+    if let Some(stats) = &report.final_stats {
+        let totals = &stats.totals;
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Pool after seed-mixed: {} requests, {:.1}% hit rate, {:.1}% reduction, reserved {} bytes ({} cached)",
+            totals.requests,
+            totals.hit_rate * 100.0,
+            totals.allocation_reduction * 100.0,
+            totals.reserved_bytes,
+            totals.cached_bytes
+        );
+    }
     if !report.throughput.is_empty() {
         let _ = writeln!(out);
-        let _ = writeln!(out, "Throughput (allocate + free pairs per second, one stream per thread)");
+        let _ = writeln!(
+            out,
+            "Throughput (allocate + free pairs per second, one stream per thread)"
+        );
         for row in &report.throughput {
             let _ = writeln!(
                 out,

@@ -7,7 +7,11 @@
 use std::time::Instant;
 
 /// p50 and p99 of per-pair nanoseconds over `batches` batches of `pairs_per_batch` calls.
-pub fn pair_percentiles(batches: usize, pairs_per_batch: usize, mut pair: impl FnMut()) -> (f64, f64) {
+pub fn pair_percentiles(
+    batches: usize,
+    pairs_per_batch: usize,
+    mut pair: impl FnMut(),
+) -> (f64, f64) {
     for _ in 0..pairs_per_batch.max(100) {
         pair();
     }

@@ -30,12 +30,18 @@ pub fn defaults() -> gpupool::PoolConfigBuilder {
 /// Checks the identities every snapshot must satisfy, against the simulated device's ledger.
 pub fn assert_consistent(stats: &PoolStats, sim: &SimBackend) {
     let totals = &stats.totals;
-    assert_eq!(totals.reserved_bytes, totals.in_use_bytes + totals.cached_bytes);
+    assert_eq!(
+        totals.reserved_bytes,
+        totals.in_use_bytes + totals.cached_bytes
+    );
     assert_eq!(
         totals.blocks_held,
         totals.backend_allocations - totals.backend_releases
     );
-    assert_eq!(totals.requests, totals.hits + totals.misses + totals.bypasses);
+    assert_eq!(
+        totals.requests,
+        totals.hits + totals.misses + totals.bypasses
+    );
     let ledger = sim.counters();
     assert_eq!(totals.blocks_held, ledger.live_allocations);
     assert_eq!(totals.reserved_bytes, ledger.live_bytes);

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use gpupool::backend::host::HostBackend;
 use gpupool::backend::sim::{FaultKind, FaultPlan, SimBackend, SimConfig};
-use gpupool::{AllocOptions, MemoryKind, MemoryManager, PoolConfig, PoolError, StreamId, TrimLevel};
+use gpupool::{
+    AllocOptions, MemoryKind, MemoryManager, PoolConfig, PoolError, StreamId, TrimLevel,
+};
 
 use crate::common::{assert_consistent, defaults, sim_manager, sim_manager_on};
 
@@ -26,7 +28,11 @@ fn a_dropped_buffer_returns_to_its_class_and_is_reused() {
     assert_eq!(stats.totals.in_use_bytes, 0);
 
     let second = manager.allocate_bytes(4096).unwrap();
-    assert_eq!(second.device_address(), address, "the cached block is reused");
+    assert_eq!(
+        second.device_address(),
+        address,
+        "the cached block is reused"
+    );
     let stats = manager.stats();
     assert_eq!((stats.totals.hits, stats.totals.misses), (1, 1));
     assert_eq!(stats.totals.backend_allocations, 1);
@@ -38,9 +44,24 @@ fn a_dropped_buffer_returns_to_its_class_and_is_reused() {
 fn a_block_is_never_smaller_than_the_request() {
     let (manager, _sim) = sim_manager(defaults().steps_per_doubling(4));
     // The seed filed a 1,500-byte buffer under the 2 KiB class and could hand it out for 2 KiB.
-    for bytes in [1, 255, 256, 257, 1500, 2048, 2049, 100_000, 3 * MIB + 1, 256 * MIB + 1] {
+    for bytes in [
+        1,
+        255,
+        256,
+        257,
+        1500,
+        2048,
+        2049,
+        100_000,
+        3 * MIB + 1,
+        256 * MIB + 1,
+    ] {
         let buffer = manager.allocate_bytes(bytes).unwrap();
-        assert!(buffer.block_bytes() >= bytes, "{bytes} got {}", buffer.block_bytes());
+        assert!(
+            buffer.block_bytes() >= bytes,
+            "{bytes} got {}",
+            buffer.block_bytes()
+        );
         assert_eq!(buffer.len(), bytes);
     }
     // Reuse after smaller owners never shrinks what a larger request gets.
@@ -53,7 +74,9 @@ fn a_block_is_never_smaller_than_the_request() {
 #[test]
 fn class_cap_limits_idle_blocks_and_releases_the_rest() {
     let (manager, sim) = sim_manager(defaults());
-    let buffers: Vec<_> = (0..40).map(|_| manager.allocate_bytes(4096).unwrap()).collect();
+    let buffers: Vec<_> = (0..40)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
     drop(buffers);
     let stats = manager.stats();
     let class = stats.class(4096, MemoryKind::Device).unwrap();
@@ -76,7 +99,10 @@ fn requests_above_the_largest_class_bypass_the_pool() {
     assert_consistent(&stats, &sim);
     drop(big);
     let stats = manager.stats();
-    assert_eq!(stats.totals.cached_bytes, 0, "bypass blocks are never cached");
+    assert_eq!(
+        stats.totals.cached_bytes, 0,
+        "bypass blocks are never cached"
+    );
     assert_eq!(sim.counters().live_allocations, 0);
     assert_consistent(&stats, &sim);
 }
@@ -112,13 +138,25 @@ fn pooling_off_goes_direct_and_releases_on_drop() {
 #[test]
 fn prewarm_fills_a_class_within_its_cap_and_serves_hits() {
     let (manager, sim) = sim_manager(defaults());
-    assert_eq!(manager.prewarm(4096, 50).unwrap(), 32, "bounded by the class cap");
+    assert_eq!(
+        manager.prewarm(4096, 50).unwrap(),
+        32,
+        "bounded by the class cap"
+    );
     assert_eq!(manager.prewarm(4096, 5).unwrap(), 0, "already full");
-    let buffers: Vec<_> = (0..32).map(|_| manager.allocate_bytes(4000).unwrap()).collect();
+    let buffers: Vec<_> = (0..32)
+        .map(|_| manager.allocate_bytes(4000).unwrap())
+        .collect();
     let stats = manager.stats();
     assert_eq!(stats.totals.hits, 32);
     assert_eq!(stats.totals.misses, 0);
-    assert_eq!(stats.class(4096, MemoryKind::Device).unwrap().prewarmed_blocks, 32);
+    assert_eq!(
+        stats
+            .class(4096, MemoryKind::Device)
+            .unwrap()
+            .prewarmed_blocks,
+        32
+    );
     assert_consistent(&stats, &sim);
     drop(buffers);
 }
@@ -139,7 +177,12 @@ fn prewarm_respects_the_budget_and_refuses_bad_sizes() {
 fn normal_trim_keeps_the_minimum_and_aggressive_trim_keeps_nothing() {
     let (manager, sim) = sim_manager(defaults());
     let buffers: Vec<_> = (0..20)
-        .flat_map(|_| [manager.allocate_bytes(1024).unwrap(), manager.allocate_bytes(65536).unwrap()])
+        .flat_map(|_| {
+            [
+                manager.allocate_bytes(1024).unwrap(),
+                manager.allocate_bytes(65536).unwrap(),
+            ]
+        })
         .collect();
     drop(buffers);
     let report = manager.trim(TrimLevel::Normal);
@@ -185,7 +228,11 @@ fn defragment_releases_classes_without_recent_demand() {
     assert_eq!(manager.stats().totals.cached_bytes, 1024);
 
     drop(manager.allocate_bytes(1024).unwrap());
-    assert_eq!(manager.defragment().blocks, 0, "the 1 KiB class is in demand");
+    assert_eq!(
+        manager.defragment().blocks,
+        0,
+        "the 1 KiB class is in demand"
+    );
     let idle = manager.defragment();
     assert_eq!(idle.blocks, 1, "no request since the previous call");
     assert_eq!(sim.counters().live_allocations, 0);
@@ -195,7 +242,9 @@ fn defragment_releases_classes_without_recent_demand() {
 fn the_budget_is_never_exceeded_and_idle_blocks_are_released_to_fit() {
     let budget = 64 * KIB as u64;
     let (manager, sim) = sim_manager(defaults().budget_bytes(Some(budget)));
-    let held: Vec<_> = (0..4).map(|_| manager.allocate_bytes(16 * KIB).unwrap()).collect();
+    let held: Vec<_> = (0..4)
+        .map(|_| manager.allocate_bytes(16 * KIB).unwrap())
+        .collect();
     let refused = manager.allocate_bytes(1024).unwrap_err();
     assert_eq!(
         refused,
@@ -246,7 +295,11 @@ fn the_budget_holds_under_concurrency() {
     for thread in threads {
         thread.join().unwrap();
     }
-    assert!(sim.counters().peak_live_bytes <= budget, "peak {}", sim.counters().peak_live_bytes);
+    assert!(
+        sim.counters().peak_live_bytes <= budget,
+        "peak {}",
+        sim.counters().peak_live_bytes
+    );
     assert!(manager.stats().totals.peak_reserved_bytes <= budget);
     assert_consistent(&manager.stats(), &sim);
 }
@@ -260,11 +313,16 @@ fn out_of_memory_releases_idle_blocks_and_retries_once() {
         },
         defaults(),
     );
-    let held: Vec<_> = (0..4).map(|_| manager.allocate_bytes(16 * KIB).unwrap()).collect();
+    let held: Vec<_> = (0..4)
+        .map(|_| manager.allocate_bytes(16 * KIB).unwrap())
+        .collect();
     drop(held);
     let big = manager.allocate_bytes(64 * KIB).unwrap();
     let stats = manager.stats();
-    assert_eq!(stats.totals.backend_releases, 4, "idle blocks were released to fit");
+    assert_eq!(
+        stats.totals.backend_releases, 4,
+        "idle blocks were released to fit"
+    );
     assert_consistent(&stats, &sim);
 
     let refused = manager.allocate_bytes(1024).unwrap_err();
@@ -346,24 +404,41 @@ fn every_bad_input_is_a_clear_error() {
     );
     assert!(matches!(
         manager.allocate::<Aligned512>(1).unwrap_err(),
-        PoolError::Alignment { align: 512, block_align: 256 }
+        PoolError::Alignment {
+            align: 512,
+            block_align: 256
+        }
     ));
     assert_eq!(
         manager
-            .allocate_with::<u8>(16, AllocOptions { device: 3, ..AllocOptions::default() })
+            .allocate_with::<u8>(
+                16,
+                AllocOptions {
+                    device: 3,
+                    ..AllocOptions::default()
+                }
+            )
             .unwrap_err(),
-        PoolError::NoSuchDevice { device: 3, devices: 1 }
+        PoolError::NoSuchDevice {
+            device: 3,
+            devices: 1
+        }
     );
     assert!(matches!(
         manager
             .allocate_with::<u8>(16, AllocOptions::kind(MemoryKind::Managed))
             .unwrap_err(),
-        PoolError::UnsupportedKind { kind: MemoryKind::Managed, .. }
+        PoolError::UnsupportedKind {
+            kind: MemoryKind::Managed,
+            ..
+        }
     ));
     let device_buffer = manager.allocate::<u8>(16).unwrap();
     assert_eq!(
         device_buffer.as_slice().unwrap_err(),
-        PoolError::NotHostVisible { kind: MemoryKind::Device }
+        PoolError::NotHostVisible {
+            kind: MemoryKind::Device
+        }
     );
     // Every error message names its numbers.
     let message = PoolError::BudgetExceeded {
@@ -375,7 +450,8 @@ fn every_bad_input_is_a_clear_error() {
     assert!(message.contains('1') && message.contains('2') && message.contains('3'));
     let host = MemoryManager::new(HostBackend::new());
     assert!(matches!(
-        host.allocate_with::<u8>(16, AllocOptions::kind(MemoryKind::Device)).unwrap_err(),
+        host.allocate_with::<u8>(16, AllocOptions::kind(MemoryKind::Device))
+            .unwrap_err(),
         PoolError::UnsupportedKind { .. }
     ));
     assert!(matches!(
@@ -400,7 +476,9 @@ fn background_maintenance_releases_long_idle_blocks_down_to_the_minimum() {
         .build()
         .unwrap();
     let manager = MemoryManager::with_config(sim.clone(), config).unwrap();
-    let buffers: Vec<_> = (0..12).map(|_| manager.allocate_bytes(4096).unwrap()).collect();
+    let buffers: Vec<_> = (0..12)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
     drop(buffers);
     assert_eq!(manager.stats().totals.cached_bytes, 12 * 4096);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -408,7 +486,11 @@ fn background_maintenance_releases_long_idle_blocks_down_to_the_minimum() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let stats = manager.stats();
-    assert_eq!(stats.totals.cached_bytes, 4 * 4096, "kept the per-class minimum");
+    assert_eq!(
+        stats.totals.cached_bytes,
+        4 * 4096,
+        "kept the per-class minimum"
+    );
     assert_eq!(sim.counters().live_allocations, 4);
     assert_consistent(&stats, &sim);
     // The thread stops with the last handle, and everything is released.
@@ -420,8 +502,16 @@ fn background_maintenance_releases_long_idle_blocks_down_to_the_minimum() {
 fn maintenance_keeps_blocks_that_were_recently_used() {
     let (manager, sim) = sim_manager(defaults().min_idle_per_class(0));
     drop(manager.allocate_bytes(4096).unwrap());
-    assert_eq!(manager.run_maintenance().blocks, 0, "idle for less than one interval");
-    assert_eq!(manager.run_maintenance().blocks, 1, "idle for a whole interval");
+    assert_eq!(
+        manager.run_maintenance().blocks,
+        0,
+        "idle for less than one interval"
+    );
+    assert_eq!(
+        manager.run_maintenance().blocks,
+        1,
+        "idle for a whole interval"
+    );
     drop(manager.allocate_bytes(4096).unwrap());
     manager.run_maintenance();
     drop(manager.allocate_bytes(4096).unwrap()); // used again: its idle time restarts
@@ -435,7 +525,9 @@ fn stats_identities_hold_over_a_mixed_workload() {
     let mut held = Vec::new();
     let mut state = 12345u64;
     for step in 0..5000 {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let bytes = 1 + (state >> 33) as usize % (2 * MIB);
         if state % 3 == 0 && !held.is_empty() {
             held.swap_remove((state >> 7) as usize % held.len());
@@ -451,12 +543,16 @@ fn stats_identities_hold_over_a_mixed_workload() {
     }
     let stats = manager.stats();
     assert_consistent(&stats, &sim);
-    let requested: u64 = held.iter().map(|buffer| buffer.requested_bytes() as u64).sum();
+    let requested: u64 = held
+        .iter()
+        .map(|buffer| buffer.requested_bytes() as u64)
+        .sum();
     assert_eq!(stats.totals.requested_live_bytes, requested);
-    assert!(stats.totals.internal_fragmentation >= 0.0 && stats.totals.internal_fragmentation < 1.0);
     assert!(
-        (stats.totals.memory_efficiency
-            - requested as f64 / stats.totals.reserved_bytes as f64)
+        stats.totals.internal_fragmentation >= 0.0 && stats.totals.internal_fragmentation < 1.0
+    );
+    assert!(
+        (stats.totals.memory_efficiency - requested as f64 / stats.totals.reserved_bytes as f64)
             .abs()
             < 1e-12
     );
@@ -477,12 +573,18 @@ fn nothing_leaks_after_the_last_handle_even_when_buffers_outlive_the_manager() {
     )
     .unwrap();
     let clone = manager.clone();
-    let survivors: Vec<_> = (0..10).map(|step| manager.allocate_bytes(1000 * (step + 1)).unwrap()).collect();
+    let survivors: Vec<_> = (0..10)
+        .map(|step| manager.allocate_bytes(1000 * (step + 1)).unwrap())
+        .collect();
     let big = manager.allocate_bytes(300 * MIB).unwrap();
     drop(manager.allocate_bytes(70_000).unwrap());
     drop(manager);
     drop(clone);
-    assert_eq!(sim.counters().live_allocations, 11, "live buffers keep their blocks");
+    assert_eq!(
+        sim.counters().live_allocations,
+        11,
+        "live buffers keep their blocks"
+    );
     drop(big);
     let moved = std::thread::spawn(move || drop(survivors));
     moved.join().unwrap();
@@ -523,7 +625,11 @@ fn no_block_is_ever_held_by_two_owners_across_eight_threads() {
                     if held.len() > 3 || step % 7 == 0 {
                         let (buffer, stamp) = held.remove(0);
                         assert!(
-                            buffer.as_slice().unwrap().iter().all(|&value| value == stamp),
+                            buffer
+                                .as_slice()
+                                .unwrap()
+                                .iter()
+                                .all(|&value| value == stamp),
                             "another owner wrote into this block"
                         );
                         owned.lock().unwrap().remove(&buffer.device_address());
@@ -531,7 +637,11 @@ fn no_block_is_ever_held_by_two_owners_across_eight_threads() {
                     }
                 }
                 for (buffer, stamp) in held {
-                    assert!(buffer.as_slice().unwrap().iter().all(|&value| value == stamp));
+                    assert!(buffer
+                        .as_slice()
+                        .unwrap()
+                        .iter()
+                        .all(|&value| value == stamp));
                     owned.lock().unwrap().remove(&buffer.device_address());
                 }
             })
@@ -601,7 +711,11 @@ fn stream_reuse_waits_for_a_fence_on_asynchronous_devices() {
     assert_ne!(other.device_address(), address);
     sim.complete_fences();
     let third = manager.allocate_with::<u8>(4096, on(2)).unwrap();
-    assert_eq!(third.device_address(), address, "reused once the fence completed");
+    assert_eq!(
+        third.device_address(),
+        address,
+        "reused once the fence completed"
+    );
     drop((other, third));
 
     // A buffer used by another stream waits for a fence recorded on that stream at drop.

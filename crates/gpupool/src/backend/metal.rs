@@ -1,1 +1,0 @@
-//! The `metal` backend (being written).

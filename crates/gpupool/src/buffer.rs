@@ -19,7 +19,7 @@ use crate::backend::{MemoryKind, StreamId};
 use crate::class_cache::IdleBlock;
 use crate::error::PoolError;
 use crate::fence::{Fence, Pending};
-use crate::pool_manager::{Allocation, PoolManager, BYPASS};
+use crate::pool_manager::{Allocation, PoolAnchor, BYPASS};
 
 #[derive(Default)]
 struct BufferGates {
@@ -39,7 +39,7 @@ struct BufferGates {
 /// drop(buffer); // back to the 4 KiB class, ready for the next request
 /// ```
 pub struct PooledBuffer<T> {
-    pool: Arc<PoolManager>,
+    anchor: Arc<PoolAnchor>,
     record: ManuallyDrop<IdleBlock>,
     len: usize,
     requested_bytes: usize,
@@ -60,7 +60,7 @@ unsafe impl<T: Sync> Sync for PooledBuffer<T> {}
 
 impl<T> PooledBuffer<T> {
     pub(crate) fn new(
-        pool: Arc<PoolManager>,
+        anchor: Arc<PoolAnchor>,
         allocation: Allocation,
         len: usize,
         requested_bytes: usize,
@@ -68,7 +68,7 @@ impl<T> PooledBuffer<T> {
         stream: StreamId,
     ) -> Self {
         PooledBuffer {
-            pool,
+            anchor,
             record: ManuallyDrop::new(allocation.record),
             len,
             requested_bytes,
@@ -200,7 +200,7 @@ impl<T> PooledBuffer<T> {
             mut fences,
             extra_streams,
         } = gates;
-        let backend = self.pool.backend(self.device as usize);
+        let backend = self.anchor.pool.backend(self.device as usize);
         for stream in extra_streams {
             match backend.record_fence(stream) {
                 Ok(Some(fence)) => fences.push(fence),
@@ -225,7 +225,8 @@ impl<T> Drop for PooledBuffer<T> {
             None => Pending::on(self.stream),
             Some(gates) => self.settle_gates(*gates),
         };
-        self.pool
+        self.anchor
+            .pool
             .give_back(device, self.cache, record, self.requested_bytes);
     }
 }

@@ -159,8 +159,8 @@ impl PoolConfigBuilder {
         self.zero_on_reuse = enabled;
         self
     }
-    /// Lock shards per class cache; default: available cores rounded up to a power of two,
-    /// at most 32.
+    /// Lock shards per class cache (rounded up to a power of two); default: four per core,
+    /// between 4 and 64.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
         self
@@ -196,10 +196,10 @@ impl PoolConfigBuilder {
                 )))
             }
             Some(shards) => shards,
-            None => std::thread::available_parallelism()
-                .map_or(1, |cores| cores.get())
+            // Four shards per core keep threads that share a core from sharing a lock.
+            None => (std::thread::available_parallelism().map_or(1, |cores| cores.get()) * 4)
                 .next_power_of_two()
-                .min(32),
+                .clamp(4, 64),
         };
         Ok(PoolConfig {
             classes,

@@ -110,6 +110,14 @@ impl DevicePool {
     }
 }
 
+/// One of several owners of the pool, one per shard. A buffer clones the anchor of its
+/// thread's shard rather than the pool's own `Arc`, so the reference count it bumps is not a
+/// cache line every thread fights over. Aligned so each anchor's count has its own line.
+#[repr(align(128))]
+pub(crate) struct PoolAnchor {
+    pub pool: Arc<PoolManager>,
+}
+
 /// Routes requests to classes on each device; see the module documentation.
 pub struct PoolManager {
     config: PoolConfig,
@@ -147,7 +155,7 @@ fn record_hit_latency(cache: &ClassCache, start: Instant) {
 
 /// This thread's shard number.
 #[inline]
-fn thread_shard() -> usize {
+pub(crate) fn thread_shard() -> usize {
     THREAD_STATE.with(|(shard, _)| shard_of(shard))
 }
 

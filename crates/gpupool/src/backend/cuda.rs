@@ -1,1 +1,0 @@
-//! The `cuda` backend (being written).

@@ -1,0 +1,420 @@
+//! The `cuda` backend: device memory and pinned, mapped host memory of one NVIDIA GPU, through
+//! the CUDA driver API (`cudarc`, with libcuda loaded at run time, so the crate builds and its
+//! tests run on machines without a toolkit or a driver).
+//!
+//! It is a thin layer (DESIGN.md: backends hold only the FFI calls and their safety reasoning):
+//!
+//! - **Raw driver calls.** Blocks come from `cudarc::driver::result` (`cuMemAlloc`,
+//!   `cuMemHostAlloc`), not from `CudaSlice`, whose `Drop` would free memory behind the pool's
+//!   back. A block is a [`Block`] token that the pool moves between owners and caches and hands
+//!   back to [`Backend::release`] once.
+//! - **Kinds.** [`MemoryKind::Device`] is `cuMemAlloc` memory. [`MemoryKind::HostVisible`] is
+//!   pinned host memory mapped into the device's address space (`cuMemHostAlloc` with
+//!   `DEVICEMAP | PORTABLE`): the host uses the block's host pointer, kernels and copies use its
+//!   device address. [`MemoryKind::HostVisibleWriteCombined`] adds `WRITECOMBINED`: fast for
+//!   the host to write and the device to read over PCIe, very slow for the host to read. Host
+//!   memory is zeroed once at allocation, because the pool hands it out as `&[T]`.
+//! - **Contexts.** The backend retains the device's primary context (the one the runtime API
+//!   and PyTorch use), and binds it on the calling thread for each driver call of the slow
+//!   paths (allocate, release, fences, synchronize, zero, memory info). The binding gives the
+//!   thread back its previous context afterwards, if it had another, so a pool call never
+//!   leaves a thread pointed at the wrong device. The hit path never reaches this module.
+//! - **Streams.** `StreamId(0)` is the legacy default stream (the null `CUstream`); any other
+//!   id is a `CUstream` handle cast to `u64`. Ids come from [`CudaBackend::create_stream`]
+//!   (non-blocking streams that live as long as the backend) or from
+//!   [`CudaBackend::register_stream`] for streams made elsewhere; an unknown id is refused
+//!   rather than passed to the driver, because a made-up handle is undefined behaviour there.
+//! - **GPU lifetime.** [`Backend::record_fence`] records a CUDA event on a stream; the pool
+//!   reuses a block on another stream only after that event completed (see `crate::fence`).
+//!   [`Backend::synchronize`] is `cuCtxSynchronize`, and [`Backend::zero`] is a
+//!   `cuMemsetD8Async` on the requesting stream, so it runs after the previous owner's work on
+//!   that stream and before the new owner's.
+//! - **Errors.** `CUDA_ERROR_OUT_OF_MEMORY` becomes [`BackendError::OutOfMemory`] (the pool
+//!   releases idle blocks and retries); a device request above the device's total memory is
+//!   [`BackendError::TooLarge`]; everything else is [`BackendError::Driver`] with the driver's
+//!   name and words for the error.
+//!
+//! [`peers`] holds the driver's own allocators, which the benchmark measures beside the pool.
+
+mod driver;
+mod fence;
+pub mod peers;
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The `cudarc` this backend is built on, for raw driver calls on its device addresses and
+/// streams (its `driver::sys` types are the ones [`CudaBackend::stream_handle`] returns).
+pub use cudarc;
+
+use cudarc::driver::result;
+use cudarc::driver::{sys, CudaContext};
+
+use self::driver::{backend_error, pool_error, Bound, StreamRegistry};
+use self::fence::EventFence;
+use super::{Backend, BackendError, Block, MemoryInfo, MemoryKind, StreamId};
+use crate::error::PoolError;
+use crate::fence::Fence;
+use crate::size_class::BLOCK_ALIGN;
+
+/// High bits of every block token this backend makes. The low bits number the backend
+/// instance, so a block handed to the wrong backend (another device's, or a host block) is
+/// recognised and refused instead of freed by the wrong call. Host tokens are 0, sim tokens
+/// count up from 1 and Metal tokens are user-space pointers (below 2^57): none has these bits.
+const TOKEN_TAG: u64 = 0xC0DA << 48;
+
+/// Numbers backend instances for their tokens.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+/// One CUDA device: device memory and pinned, mapped host memory; see the module documentation.
+///
+/// ```no_run
+/// use gpupool::backend::cuda::CudaBackend;
+/// use gpupool::{AllocOptions, MemoryManager};
+///
+/// if CudaBackend::driver_available() {
+///     let backend = CudaBackend::new(0)?;
+///     let stream = backend.create_stream()?;
+///     let manager = MemoryManager::new(backend);
+///     let options = AllocOptions { stream, ..AllocOptions::default() };
+///     let buffer = manager.allocate_with::<f32>(1 << 20, options)?;
+///     // Hand `buffer.device_address()` to kernels queued on `stream`.
+/// #   drop(buffer);
+/// }
+/// # Ok::<(), gpupool::PoolError>(())
+/// ```
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    device_name: String,
+    kinds: Vec<MemoryKind>,
+    total_bytes: u64,
+    token: u64,
+    streams: StreamRegistry,
+}
+
+impl CudaBackend {
+    /// Whether a CUDA driver is installed, initialises, and reports at least one device.
+    /// Probed once per process; never panics (cudarc itself panics when libcuda is missing, so
+    /// call this before anything else CUDA).
+    pub fn driver_available() -> bool {
+        driver::driver_available()
+    }
+
+    /// The number of CUDA devices; 0 without a driver.
+    pub fn device_count() -> usize {
+        driver::device_count()
+    }
+
+    /// Opens device `ordinal`: retains its primary context and reads its name and memory.
+    ///
+    /// Errors: [`PoolError::Backend`] without a usable driver or when the driver refuses,
+    /// [`PoolError::NoSuchDevice`] for an ordinal the driver does not report.
+    pub fn new(ordinal: usize) -> Result<CudaBackend, PoolError> {
+        let ctx = driver::open_context(ordinal)?;
+        let _bound = driver::bind(&ctx).map_err(pool_error)?;
+        let device_name = ctx.name().map_err(pool_error)?;
+        let total_bytes = ctx.total_mem().map_err(pool_error)? as u64;
+        let can_map_host = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)
+            .map_err(pool_error)?
+            != 0;
+        let kinds = if can_map_host {
+            vec![
+                MemoryKind::Device,
+                MemoryKind::HostVisible,
+                MemoryKind::HostVisibleWriteCombined,
+            ]
+        } else {
+            tracing::info!(ordinal, "device cannot map host memory: only Device memory is offered");
+            vec![MemoryKind::Device]
+        };
+        Ok(CudaBackend {
+            ctx,
+            device_name,
+            kinds,
+            total_bytes,
+            token: TOKEN_TAG | (NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF),
+            streams: StreamRegistry::default(),
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    /// The device's primary context, for raw driver calls (copies, kernel launches) on the
+    /// pool's memory. Clone it before moving the backend into a manager.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Creates a non-blocking stream (it does not synchronise with the legacy default stream).
+    /// The backend keeps it alive and destroys it when the backend is dropped, that is, when
+    /// the last manager handle and buffer using this backend are gone.
+    pub fn create_stream(&self) -> Result<StreamId, PoolError> {
+        let _bound = self.bind().map_err(pool_error)?;
+        self.streams.create().map_err(pool_error)
+    }
+
+    /// Lets the pool use a stream made elsewhere (by `cudarc`, another library, or the user's
+    /// own code). The null handle is the default stream, [`StreamId::DEFAULT`].
+    ///
+    /// # Safety
+    /// `stream` must be the null handle or a live stream of this device's primary context, and
+    /// it must stay alive until this backend is dropped: the pool may record events on it or
+    /// queue zeroing on it whenever a buffer of that stream is allocated or dropped.
+    pub unsafe fn register_stream(&self, stream: sys::CUstream) -> StreamId {
+        self.streams.register(stream)
+    }
+
+    /// The `CUstream` a stream id stands for: null for [`StreamId::DEFAULT`] (the legacy
+    /// default stream), else the handle the id was made from. A plain conversion: it does not
+    /// check that the stream exists.
+    pub fn stream_handle(stream: StreamId) -> sys::CUstream {
+        driver::stream_handle(stream)
+    }
+
+    fn bind(&self) -> Result<Bound, cudarc::driver::DriverError> {
+        driver::bind(&self.ctx)
+    }
+
+    fn allocate_device(&self, bytes: usize) -> Result<Block, BackendError> {
+        if bytes as u64 > self.total_bytes {
+            return Err(BackendError::TooLarge {
+                limit: self.total_bytes,
+            });
+        }
+        // SAFETY: the backend's context is current (the caller bound it); `cuMemAlloc` has no
+        // other precondition. The memory is uninitialised, which is allowed for device memory:
+        // the pool never reads it from the host.
+        let address = unsafe { result::malloc_sync(bytes) }.map_err(backend_error)?;
+        // SAFETY: `address` is a fresh allocation of `bytes` bytes of device memory that
+        // nothing else refers to, and stays valid until `release` frees it; a device block
+        // has no host pointer, so no host-side initialisation is promised.
+        Ok(unsafe { Block::new(address, None, bytes, MemoryKind::Device, self.token) })
+    }
+
+    fn allocate_host(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError> {
+        let mut flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        if kind == MemoryKind::HostVisibleWriteCombined {
+            flags |= sys::CU_MEMHOSTALLOC_WRITECOMBINED;
+        }
+        // SAFETY: the backend's context is current (the caller bound it) and `flags` holds only
+        // documented `cuMemHostAlloc` flags; the device can map host memory (checked in `new`,
+        // else these kinds are not offered).
+        let raw = unsafe { result::malloc_host(bytes, flags) }.map_err(backend_error)?;
+        let host = match NonNull::new(raw.cast::<u8>()) {
+            Some(host) if host.as_ptr() as usize % BLOCK_ALIGN == 0 => host,
+            _ => {
+                free_host(raw);
+                return Err(BackendError::Driver(format!(
+                    "cuMemHostAlloc returned {raw:p}, which is not {BLOCK_ALIGN}-byte aligned"
+                )));
+            }
+        };
+        // SAFETY: `host` points to `bytes` writable bytes, just allocated and owned here alone.
+        // Zeroing makes them initialised, as `Block::new` requires of host memory.
+        unsafe { std::ptr::write_bytes(host.as_ptr(), 0, bytes) };
+        let mut address: sys::CUdeviceptr = 0;
+        // SAFETY: `raw` was allocated with `DEVICEMAP` in the current context; the flags
+        // argument must be 0; `address` is a valid place for the result.
+        let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut address, raw, 0) }.result();
+        if let Err(error) = mapped {
+            free_host(raw);
+            return Err(backend_error(error));
+        }
+        // SAFETY: `host` is valid for reads and writes of `bytes` bytes, aligned to
+        // `BLOCK_ALIGN` (checked above), zeroed, and owned by this block alone until `release`
+        // frees it; `address` is the same memory as the device sees it.
+        Ok(unsafe { Block::new(address, Some(host), bytes, kind, self.token) })
+    }
+}
+
+/// Frees pinned host memory on an error path of `allocate_host`.
+fn free_host(raw: *mut std::ffi::c_void) {
+    // SAFETY: `raw` came from `cuMemHostAlloc` just before and was never handed out.
+    if let Err(error) = unsafe { result::free_host(raw) } {
+        tracing::warn!(error = %driver::describe(error), "cuMemFreeHost failed");
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        driver::BACKEND
+    }
+
+    fn device_name(&self) -> String {
+        self.device_name.clone()
+    }
+
+    fn kinds(&self) -> &[MemoryKind] {
+        &self.kinds
+    }
+
+    fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError> {
+        if !self.kinds.contains(&kind) {
+            return Err(BackendError::UnsupportedKind(kind));
+        }
+        let _bound = self.bind().map_err(backend_error)?;
+        match kind {
+            MemoryKind::Device => self.allocate_device(bytes),
+            _ => self.allocate_host(bytes, kind),
+        }
+    }
+
+    fn release(&self, block: Block) {
+        if block.token() != self.token {
+            // Not ours: freeing it with our calls could free someone else's memory. Leaking it
+            // is the only safe answer to a caller that broke the trait's contract.
+            tracing::error!(
+                token = block.token(),
+                "a block from another backend was released to this CUDA backend; leaking it"
+            );
+            return;
+        }
+        // A failed bind is logged and the free tried anyway: with unified addressing the
+        // driver finds the allocation's context from the address.
+        let _bound = self
+            .bind()
+            .inspect_err(|error| tracing::warn!(error = %driver::describe(*error), "bind before release failed"));
+        // Both arms: the token shows this backend allocated the block, with `cuMemAlloc` for
+        // Device blocks (no host pointer) and `cuMemHostAlloc` for the host kinds (with one).
+        // Moving the block in means it is released once, and the pool releases it only when no
+        // buffer owns it and no GPU work uses it any more (it synchronises first when it cannot
+        // prove that).
+        let outcome = match block.host_ptr() {
+            // SAFETY: a Device block of ours, released once, unused (see above).
+            None => unsafe { result::free_sync(block.device_address()) },
+            // SAFETY: a pinned host block of ours, released once, unused (see above).
+            Some(host) => unsafe { result::free_host(host.as_ptr().cast()) },
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(
+                error = %driver::describe(error),
+                bytes = block.bytes(),
+                kind = block.kind().name(),
+                "freeing a CUDA block failed"
+            );
+        }
+    }
+
+    fn memory_info(&self) -> Option<MemoryInfo> {
+        let info = self.bind().and_then(|_bound| result::mem_get_info());
+        match info {
+            Ok((free, total)) => Some(MemoryInfo {
+                free_bytes: free as u64,
+                total_bytes: total as u64,
+            }),
+            Err(error) => {
+                tracing::debug!(error = %driver::describe(error), "cuMemGetInfo failed");
+                None
+            }
+        }
+    }
+
+    fn record_fence(&self, stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
+        let handle = self.streams.handle(stream)?;
+        let _bound = self.bind().map_err(backend_error)?;
+        let fence = EventFence::record(&self.ctx, handle).map_err(backend_error)?;
+        Ok(Some(Arc::new(fence)))
+    }
+
+    fn synchronize(&self) -> Result<(), BackendError> {
+        let _bound = self.bind().map_err(backend_error)?;
+        result::ctx::synchronize().map_err(backend_error)
+    }
+
+    fn zero(&self, block: &Block, stream: StreamId) -> Result<(), BackendError> {
+        if block.token() != self.token {
+            return Err(BackendError::Driver(
+                "cannot zero a block this CUDA backend did not allocate".to_string(),
+            ));
+        }
+        let handle = self.streams.handle(stream)?;
+        let _bound = self.bind().map_err(backend_error)?;
+        // SAFETY: the token shows the block is one of ours and still allocated (a released
+        // block was moved into `release`), so its device address is valid in this context for
+        // `bytes` bytes, device memory or mapped host memory alike. The caller holds the block
+        // exclusively. `handle` is the default stream or a live stream of this context (the
+        // registry checked it); the memset runs after the work queued on it before.
+        unsafe { result::memset_d8_async(block.device_address(), 0, block.bytes(), handle) }
+            .map_err(backend_error)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Every block is gone by now: the pool, which owns this backend, released them all.
+        match self.bind() {
+            Ok(_bound) => self.streams.destroy_owned(),
+            Err(error) => tracing::warn!(
+                error = %driver::describe(error),
+                "could not bind the CUDA context to destroy the backend's streams"
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("device_name", &self.device_name)
+            .field("total_bytes", &self.total_bytes)
+            .field("kinds", &self.kinds)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What can be checked without a driver; the device tests are in `tests/all/cuda.rs`.
+    use super::*;
+
+    #[test]
+    fn stream_ids_and_handles_convert_both_ways() {
+        assert!(CudaBackend::stream_handle(StreamId::DEFAULT).is_null());
+        let handle = CudaBackend::stream_handle(StreamId(0x7f00_1234_5600));
+        assert_eq!(handle as usize as u64, 0x7f00_1234_5600);
+    }
+
+    #[test]
+    fn out_of_memory_stays_retryable() {
+        let error = cudarc::driver::DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+        assert_eq!(backend_error(error), BackendError::OutOfMemory);
+    }
+
+    #[test]
+    fn probing_never_panics_and_agrees_with_the_device_count() {
+        let available = CudaBackend::driver_available();
+        assert_eq!(available, CudaBackend::device_count() > 0);
+        if !available {
+            match CudaBackend::new(0) {
+                Err(PoolError::Backend { backend, message }) => {
+                    assert_eq!(backend, "cuda");
+                    assert!(message.contains("no CUDA driver"), "{message}");
+                }
+                other => panic!("expected a backend error without a driver, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_streams_are_refused_without_a_driver_call() {
+        let registry = StreamRegistry::default();
+        assert!(registry.handle(StreamId::DEFAULT).unwrap().is_null());
+        assert!(matches!(
+            registry.handle(StreamId(0xdead_0000)),
+            Err(BackendError::Driver(_))
+        ));
+        let lent = registry.register(0xbeef_0000usize as sys::CUstream);
+        assert_eq!(lent, StreamId(0xbeef_0000));
+        assert_eq!(registry.handle(lent).unwrap() as usize, 0xbeef_0000);
+        // Lent streams are not destroyed by the registry, so no driver call happens here.
+        registry.destroy_owned();
+        assert!(registry.handle(lent).is_err());
+    }
+}

@@ -550,8 +550,9 @@ impl PoolManager {
         requested_bytes: usize,
     ) {
         record.epoch = self.epoch.load(Ordering::Relaxed);
-        if pool.purgeable {
-            // Before the block becomes visible to other threads, never after.
+        if pool.purgeable && record.pending.gates.is_none() {
+            // Before the block becomes visible to other threads, never after; and never while
+            // GPU work may still read it (whether the OS may discard such pages is undocumented).
             pool.backend.make_purgeable(&record.block);
         }
         let outcome = pool.caches[index].give_back(

@@ -285,7 +285,10 @@ impl MetalBackend {
 
     /// [`MetalBackend::metal_buffer`] by the block's device address.
     pub fn metal_buffer_at(&self, device_address: u64) -> Option<MetalBuffer> {
-        self.shared.live_shard(device_address).get(&device_address).cloned()
+        self.shared
+            .live_shard(device_address)
+            .get(&device_address)
+            .cloned()
     }
 
     /// Runs `f` on the block's buffer if this backend allocated the block (its device address
@@ -363,7 +366,10 @@ impl Shared {
         let device_address = buffer.gpuAddress() + offset as u64;
         let registered = MetalBuffer::new(buffer.clone(), offset);
         let token = token_of(Retained::into_raw(buffer));
-        if let Some(stale) = self.live_shard(device_address).insert(device_address, registered) {
+        if let Some(stale) = self
+            .live_shard(device_address)
+            .insert(device_address, registered)
+        {
             // Live buffers have disjoint GPU ranges, so this is a Metal or backend bug; keep
             // the new entry and say so rather than abort.
             tracing::error!(
@@ -562,7 +568,9 @@ impl Backend for MetalBackend {
 
     fn zero(&self, block: &Block, _stream: StreamId) -> Result<(), BackendError> {
         let entry = self
-            .with_registered(block, |buffer, offset| (MetalBuffer::retain(buffer), offset))
+            .with_registered(block, |buffer, offset| {
+                (MetalBuffer::retain(buffer), offset)
+            })
             .ok_or_else(|| {
                 BackendError::Driver("zero of a block this backend did not allocate".into())
             })?;

@@ -50,13 +50,85 @@ pub(super) fn device_count() -> usize {
     result::device::get_count().map_or(0, |count| count.max(0) as usize)
 }
 
+/// A device's primary context as the backend, its fences and the peers hold it.
+///
+/// cudarc's `CudaContext`, when its last `Arc` drops, binds itself to the dropping thread for
+/// good (and then releases the primary context). This holder gives the thread back the exact
+/// context it had before that drop, so dropping a backend, a fence or a peer never leaves a
+/// thread pointed at another context. Fields drop in order: `ctx` first, then `restore`.
+pub(super) struct HeldContext {
+    ctx: Arc<CudaContext>,
+    restore: RestoreCurrent,
+}
+
+/// Sets the thread's current context back to the one recorded when dropped: `Some(0)` for
+/// none, `Some(handle)` for a context, `None` to leave the thread as it is. The handle is kept
+/// as an address so that the holder stays `Send + Sync`; it is recorded and used within one
+/// drop on one thread.
+struct RestoreCurrent(Option<usize>);
+
+impl HeldContext {
+    fn new(ctx: Arc<CudaContext>) -> HeldContext {
+        HeldContext {
+            ctx,
+            restore: RestoreCurrent(None),
+        }
+    }
+
+    /// The shared cudarc context.
+    pub fn arc(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+impl Clone for HeldContext {
+    fn clone(&self) -> Self {
+        HeldContext::new(self.ctx.clone())
+    }
+}
+
+impl std::ops::Deref for HeldContext {
+    type Target = CudaContext;
+
+    fn deref(&self) -> &CudaContext {
+        &self.ctx
+    }
+}
+
+impl Drop for HeldContext {
+    fn drop(&mut self) {
+        // Runs before the fields drop: remember the thread's context for `restore`, unless it
+        // is this very context (cudarc leaves it current anyway, and it may be released now).
+        self.restore = match result::ctx::get_current() {
+            Ok(Some(current)) if current == self.ctx.cu_ctx() => RestoreCurrent(None),
+            Ok(current) => RestoreCurrent(Some(current.map_or(0, |context| context as usize))),
+            Err(_) => RestoreCurrent(None),
+        };
+    }
+}
+
+impl Drop for RestoreCurrent {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0 {
+            let previous = previous as sys::CUcontext;
+            // SAFETY: `previous` is null (no context) or another context than the one just
+            // dropped, current on this thread before that drop: the thread's own code made it
+            // current and so keeps it alive. This only restores that state.
+            if let Err(error) = unsafe { result::ctx::set_current(previous) } {
+                tracing::debug!(error = %describe(error), "could not restore the thread's CUDA context");
+            }
+        }
+    }
+}
+
 /// Retains the primary context of device `ordinal`, with errors a user can act on.
-pub(super) fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, PoolError> {
+pub(super) fn open_context(ordinal: usize) -> Result<HeldContext, PoolError> {
     if !driver_available() {
         return Err(PoolError::Backend {
             backend: BACKEND.to_string(),
-            message: "no CUDA driver: libcuda is missing, does not initialise, or reports no device"
-                .to_string(),
+            message:
+                "no CUDA driver: libcuda is missing, does not initialise, or reports no device"
+                    .to_string(),
         });
     }
     let devices = device_count();
@@ -66,7 +138,14 @@ pub(super) fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, PoolError
             devices,
         });
     }
-    CudaContext::new(ordinal).map_err(pool_error)
+    // `CudaContext::new` leaves the primary context current on this thread for good; give
+    // the thread back the context it had, as every other call here does.
+    let _restore = Bound {
+        restore: result::ctx::get_current().ok().flatten(),
+    };
+    CudaContext::new(ordinal)
+        .map(HeldContext::new)
+        .map_err(pool_error)
 }
 
 /// A context made current on this thread for the length of one driver call.
@@ -197,10 +276,12 @@ impl StreamRegistry {
     /// Destroys the owned streams; the caller has bound their context.
     pub fn destroy_owned(&self) {
         for stream in self.lock().drain(..).filter(|stream| stream.owned) {
+            let handle = stream_handle(StreamId(stream.id));
             // SAFETY: the stream was created by `create` in this context, is destroyed once
             // (drained from the list), and no later call can name it: the registry is empty
             // now. Work still queued on it completes; the driver frees it afterwards.
-            if let Err(error) = unsafe { result::stream::destroy(stream_handle(StreamId(stream.id))) } {
+            let destroyed = unsafe { result::stream::destroy(handle) };
+            if let Err(error) = destroyed {
                 tracing::warn!(error = %describe(error), "could not destroy a CUDA stream");
             }
         }

@@ -6,12 +6,11 @@
 //! driver call with no thread-local context switch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use cudarc::driver::result::{self, DriverError};
-use cudarc::driver::{sys, CudaContext};
+use cudarc::driver::sys;
 
-use super::driver::{self, describe};
+use super::driver::{self, describe, HeldContext};
 use crate::fence::Fence;
 
 /// "All work queued on one stream before this point", as a CUDA event.
@@ -19,7 +18,7 @@ pub(super) struct EventFence {
     event: sys::CUevent,
     /// Keeps the primary context (and so the event) alive for as long as the fence lives,
     /// which may be after the backend that recorded it was dropped.
-    ctx: Arc<CudaContext>,
+    ctx: HeldContext,
     /// Set once the event has been seen complete; an event is recorded once, so it stays so.
     complete: AtomicBool,
     /// Whether a query error was already logged.
@@ -37,7 +36,7 @@ unsafe impl Sync for EventFence {}
 impl EventFence {
     /// Records a new event on `stream`. The caller has bound `ctx` on this thread and checked
     /// that `stream` is the default stream or a live stream of `ctx`.
-    pub fn record(ctx: &Arc<CudaContext>, stream: sys::CUstream) -> Result<EventFence, DriverError> {
+    pub fn record(ctx: &HeldContext, stream: sys::CUstream) -> Result<EventFence, DriverError> {
         // Timing is off: events without it are cheaper to record and to query.
         let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)?;
         let fence = EventFence {

@@ -52,7 +52,7 @@ pub use cudarc;
 use cudarc::driver::result;
 use cudarc::driver::{sys, CudaContext};
 
-use self::driver::{backend_error, pool_error, Bound, StreamRegistry};
+use self::driver::{backend_error, pool_error, Bound, HeldContext, StreamRegistry};
 use self::fence::EventFence;
 use super::{Backend, BackendError, Block, MemoryInfo, MemoryKind, StreamId};
 use crate::error::PoolError;
@@ -86,7 +86,7 @@ static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 /// # Ok::<(), gpupool::PoolError>(())
 /// ```
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
+    ctx: HeldContext,
     device_name: String,
     kinds: Vec<MemoryKind>,
     total_bytes: u64,
@@ -127,7 +127,10 @@ impl CudaBackend {
                 MemoryKind::HostVisibleWriteCombined,
             ]
         } else {
-            tracing::info!(ordinal, "device cannot map host memory: only Device memory is offered");
+            tracing::info!(
+                ordinal,
+                "device cannot map host memory: only Device memory is offered"
+            );
             vec![MemoryKind::Device]
         };
         Ok(CudaBackend {
@@ -148,7 +151,7 @@ impl CudaBackend {
     /// The device's primary context, for raw driver calls (copies, kernel launches) on the
     /// pool's memory. Clone it before moving the backend into a manager.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        self.ctx.arc()
     }
 
     /// Creates a non-blocking stream (it does not synchronise with the legacy default stream).
@@ -191,6 +194,14 @@ impl CudaBackend {
         // other precondition. The memory is uninitialised, which is allowed for device memory:
         // the pool never reads it from the host.
         let address = unsafe { result::malloc_sync(bytes) }.map_err(backend_error)?;
+        if address % BLOCK_ALIGN as u64 != 0 {
+            // cuMemAlloc aligns to at least 256 bytes; the pool promises BLOCK_ALIGN.
+            // SAFETY: `address` came from `cuMemAlloc` just before and was never handed out.
+            let _ = unsafe { result::free_sync(address) };
+            return Err(BackendError::Driver(format!(
+                "cuMemAlloc returned {address:#x}, which is not {BLOCK_ALIGN}-byte aligned"
+            )));
+        }
         // SAFETY: `address` is a fresh allocation of `bytes` bytes of device memory that
         // nothing else refers to, and stays valid until `release` frees it; a device block
         // has no host pointer, so no host-side initialisation is promised.
@@ -277,9 +288,9 @@ impl Backend for CudaBackend {
         }
         // A failed bind is logged and the free tried anyway: with unified addressing the
         // driver finds the allocation's context from the address.
-        let _bound = self
-            .bind()
-            .inspect_err(|error| tracing::warn!(error = %driver::describe(*error), "bind before release failed"));
+        let _bound = self.bind().inspect_err(
+            |error| tracing::warn!(error = %driver::describe(*error), "bind before release failed"),
+        );
         // Both arms: the token shows this backend allocated the block, with `cuMemAlloc` for
         // Device blocks (no host pointer) and `cuMemHostAlloc` for the host kinds (with one).
         // Moving the block in means it is released once, and the pool releases it only when no

@@ -115,6 +115,18 @@ impl Pending {
         }
     }
 
+    /// Whether a fence recorded on the block's stream is attached.
+    pub fn has_stream_fence(&self) -> bool {
+        self.gates
+            .as_ref()
+            .is_some_and(|gates| gates.stream_fence.is_some())
+    }
+
+    /// Forgets every fence (after the device was synchronised).
+    pub fn clear_gates(&mut self) {
+        self.gates = None;
+    }
+
     /// Whether a cross-stream fence should be recorded for this block.
     pub fn wants_stream_fence(&self, stream: StreamId) -> bool {
         self.stream != stream

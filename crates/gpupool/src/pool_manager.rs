@@ -86,6 +86,11 @@ struct DevicePool {
     failed_requests: AtomicU64,
     /// Requests per cache at the previous `defragment`.
     defragment_marks: Mutex<Vec<u64>>,
+    /// Blocks out of every cache whose GPU work had not finished when they were released:
+    /// each waits for a fence recorded on its stream, so no drop blocks on the GPU.
+    deferred: Mutex<Vec<IdleBlock>>,
+    /// `deferred.len()`, readable without the lock.
+    deferred_count: AtomicUsize,
 }
 
 impl DevicePool {
@@ -205,6 +210,8 @@ impl PoolManager {
                 peak_reserved_bytes: AtomicU64::new(0),
                 failed_requests: AtomicU64::new(0),
                 defragment_marks: Mutex::new(marks),
+                deferred: Mutex::new(Vec::new()),
+                deferred_count: AtomicUsize::new(0),
             });
         }
         Ok(PoolManager {
@@ -348,6 +355,7 @@ impl PoolManager {
         stream: StreamId,
     ) -> Result<Allocation, PoolError> {
         let start = Instant::now();
+        self.reap_deferred(pool, false);
         let cache = &pool.caches[index];
         if let Some((idle, counted_in)) = cache.steal(shard, stream, requested_bytes) {
             if !pool.purgeable || pool.backend.reclaim(&idle.block) {
@@ -357,6 +365,20 @@ impl PoolManager {
         }
         self.fence_foreign_blocks(pool, cache, stream);
         let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
+        if self.config.zero_on_reuse {
+            // Drivers do not promise zeroed fresh memory, and it may be memory this pool freed.
+            if let Err(error) = pool.backend.zero(&block, stream) {
+                pool.backend.release(block);
+                self.unreserve(pool, cache.class_bytes() as u64);
+                return Err(PoolError::from_backend(
+                    pool.backend.name(),
+                    error,
+                    requested_bytes,
+                    pool.reserved_now(),
+                    None,
+                ));
+            }
+        }
         cache.record_miss(shard, requested_bytes);
         cache.miss_latency.record(start.elapsed().as_nanos() as u64);
         tracing::debug!(
@@ -441,7 +463,7 @@ impl PoolManager {
         let first = pool.backend.allocate(block_bytes, kind);
         let outcome = match first {
             Err(BackendError::OutOfMemory) => {
-                let released = self.release_idle(pool, 0, None);
+                let released = self.release_everything(pool);
                 tracing::info!(
                     block_bytes,
                     released_blocks = released.blocks,
@@ -474,7 +496,7 @@ impl PoolManager {
         if self.try_reserve(pool, bytes) {
             return Ok(());
         }
-        let released = self.release_idle(pool, 0, None);
+        let released = self.release_everything(pool);
         tracing::info!(
             bytes,
             released_blocks = released.blocks,
@@ -578,25 +600,92 @@ impl PoolManager {
         self.release_blocks(pool, vec![record]);
     }
 
-    /// Gives blocks (already uncounted from the caches) back to the backend, synchronising
-    /// first if GPU work may still use any of them.
+    /// Gives blocks (already uncounted from the caches) back to the backend. A block that GPU
+    /// work may still use gets a fence recorded on its stream and waits in the deferred list
+    /// instead: releasing never blocks on the GPU. The report counts both.
     #[cold]
-    fn release_blocks(&self, pool: &DevicePool, mut blocks: Vec<IdleBlock>) -> ReleaseReport {
+    fn release_blocks(&self, pool: &DevicePool, blocks: Vec<IdleBlock>) -> ReleaseReport {
         let mut report = ReleaseReport::default();
-        if blocks.is_empty() {
-            return report;
-        }
-        if blocks.iter_mut().any(|idle| !idle.pending.is_idle()) {
-            if let Err(error) = pool.backend.synchronize() {
-                tracing::warn!(?error, "synchronize before release failed");
+        let mut stream_fences: Vec<(StreamId, Arc<dyn Fence>)> = Vec::new();
+        let mut deferred = Vec::new();
+        for mut record in blocks {
+            let record_bytes = record.block.bytes() as u64;
+            report.blocks += 1;
+            report.bytes += record_bytes;
+            if !record.pending.is_idle() && !record.pending.has_stream_fence() {
+                let stream = record.pending.stream;
+                let known = stream_fences.iter().find(|(on, _)| *on == stream);
+                let fence = match known {
+                    Some((_, fence)) => Some(fence.clone()),
+                    None => match pool.backend.record_fence(stream) {
+                        Ok(Some(fence)) => {
+                            stream_fences.push((stream, fence.clone()));
+                            Some(fence)
+                        }
+                        Ok(None) => Some(Arc::new(CompletedFence) as Arc<dyn Fence>),
+                        Err(error) => {
+                            tracing::warn!(?error, "no fence for a release; synchronising");
+                            let _ = pool.backend.synchronize();
+                            None
+                        }
+                    },
+                };
+                match fence {
+                    Some(fence) => record.pending.set_stream_fence(fence),
+                    None => record.pending.clear_gates(),
+                }
+            }
+            if record.pending.gates.is_none() || record.pending.is_idle() {
+                let record = *record;
+                pool.backend.release(record.block);
+                self.unreserve(pool, record_bytes);
+            } else {
+                deferred.push(record);
             }
         }
-        for record in blocks {
-            report.blocks += 1;
-            report.bytes += record.block.bytes() as u64;
-            pool.backend.release(record.block);
+        if !deferred.is_empty() {
+            let mut list = pool.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+            list.append(&mut deferred);
+            pool.deferred_count.store(list.len(), Ordering::Relaxed);
         }
-        self.unreserve(pool, report.bytes);
+        report
+    }
+
+    /// Releases the deferred blocks whose GPU work has finished; with `wait`, synchronises
+    /// the device first and releases them all.
+    fn reap_deferred(&self, pool: &DevicePool, wait: bool) {
+        if pool.deferred_count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if wait {
+            if let Err(error) = pool.backend.synchronize() {
+                tracing::warn!(?error, "synchronize before releasing deferred blocks failed");
+            }
+        }
+        let ready: Vec<IdleBlock> = {
+            let mut list = pool.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut ready = Vec::new();
+            for mut record in std::mem::take(&mut *list) {
+                if wait || record.pending.is_idle() {
+                    ready.push(record);
+                } else {
+                    list.push(record);
+                }
+            }
+            pool.deferred_count.store(list.len(), Ordering::Relaxed);
+            ready
+        };
+        for record in ready {
+            let bytes = record.block.bytes() as u64;
+            pool.backend.release(record.block);
+            self.unreserve(pool, bytes);
+        }
+    }
+
+    /// Everything idle goes back to the device now (out-of-memory and budget recovery).
+    fn release_everything(&self, pool: &DevicePool) -> ReleaseReport {
+        let report = self.release_idle(pool, 0, None);
+        self.reap_deferred(pool, true);
         report
     }
 
@@ -623,6 +712,7 @@ impl PoolManager {
         let mut report = ReleaseReport::default();
         for pool in self.devices.iter() {
             report.add(self.release_idle(pool, keep, None));
+            self.reap_deferred(pool, false);
         }
         tracing::info!(?level, blocks = report.blocks, bytes = report.bytes, "trim");
         report
@@ -633,10 +723,14 @@ impl PoolManager {
         let now = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let mut report = ReleaseReport::default();
         if now < 2 {
+            for pool in self.devices.iter() {
+                self.reap_deferred(pool, false);
+            }
             return report;
         }
         for pool in self.devices.iter() {
             report.add(self.release_idle(pool, self.config.min_idle_per_class, Some(now - 2)));
+            self.reap_deferred(pool, false);
         }
         if report.blocks > 0 {
             tracing::info!(
@@ -722,6 +816,8 @@ impl PoolManager {
             };
             let mut idle = BlockRecord::boxed(block, StreamId::DEFAULT);
             idle.epoch = self.epoch.load(Ordering::Relaxed);
+            // No GPU work ever touched a prewarmed block: any stream may take it.
+            idle.pending.set_stream_fence(Arc::new(CompletedFence));
             if pool.purgeable {
                 pool.backend.make_purgeable(&idle.block);
             }
@@ -751,6 +847,11 @@ impl PoolManager {
             .iter()
             .map(|pool| pool.bypass.lock().unwrap_or_else(PoisonError::into_inner))
             .collect();
+        let deferred_guards: Vec<_> = self
+            .devices
+            .iter()
+            .map(|pool| pool.deferred.lock().unwrap_or_else(PoisonError::into_inner))
+            .collect();
         let shard_guards: Vec<Vec<_>> = self
             .devices
             .iter()
@@ -767,6 +868,11 @@ impl PoolManager {
                 in_use_bytes: bypass_counters.in_use_bytes,
                 requested_live_bytes: bypass_counters.requested_live_bytes,
                 peak_reserved_bytes: pool.peak_reserved_bytes.load(Ordering::Relaxed),
+                pending_release_blocks: deferred_guards[device].len() as u64,
+                pending_release_bytes: deferred_guards[device]
+                    .iter()
+                    .map(|record| record.block.bytes() as u64)
+                    .sum(),
                 ..Totals::default()
             };
             let mut classes = Vec::new();
@@ -836,6 +942,7 @@ impl PoolManager {
             });
         }
         drop(shard_guards);
+        drop(deferred_guards);
         drop(bypass_guards);
         totals.derive(None);
         totals.memory_pressure = highest_pressure;
@@ -852,7 +959,7 @@ impl Drop for PoolManager {
     /// The last owner (a manager handle or a buffer that outlived them) releases everything.
     fn drop(&mut self) {
         for pool in self.devices.iter() {
-            self.release_idle(pool, 0, None);
+            self.release_everything(pool);
         }
     }
 }

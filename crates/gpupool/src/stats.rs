@@ -142,6 +142,11 @@ pub struct Totals {
     pub requested_live_bytes: u64,
     /// The most bytes ever reserved (including allocations in flight).
     pub peak_reserved_bytes: u64,
+    /// Blocks out of the pool's accounting that wait for GPU work before going back to the
+    /// device (still held from it until then).
+    pub pending_release_blocks: u64,
+    /// Their bytes.
+    pub pending_release_bytes: u64,
     /// hits / (hits + misses).
     pub hit_rate: f64,
     /// 1 − backend allocations / requests.
@@ -200,6 +205,8 @@ impl Totals {
         self.cached_bytes += other.cached_bytes;
         self.requested_live_bytes += other.requested_live_bytes;
         self.peak_reserved_bytes += other.peak_reserved_bytes;
+        self.pending_release_blocks += other.pending_release_blocks;
+        self.pending_release_bytes += other.pending_release_bytes;
     }
 }
 

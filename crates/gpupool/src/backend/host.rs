@@ -11,15 +11,26 @@ use super::{Backend, BackendError, Block, MemoryInfo, MemoryKind};
 use crate::size_class::BLOCK_ALIGN;
 
 /// Aligned host memory; its only kind is [`MemoryKind::HostVisible`].
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct HostBackend {
-    _private: (),
+    /// Tags this backend's block tokens, so a foreign block is refused instead of freed.
+    tag: u64,
+}
+
+impl Default for HostBackend {
+    fn default() -> Self {
+        HostBackend::new()
+    }
 }
 
 impl HostBackend {
     /// A host backend.
     pub fn new() -> HostBackend {
-        HostBackend { _private: () }
+        // Any fixed odd pattern would do; host memory has one owner, the global allocator,
+        // so every HostBackend shares the tag and may release each other's blocks.
+        HostBackend {
+            tag: 0x686f_7374_b10c,
+        }
     }
 }
 
@@ -53,11 +64,14 @@ impl Backend for HostBackend {
         let address = ptr.as_ptr() as u64;
         // SAFETY: `ptr` is a fresh, zeroed (so initialised), `BLOCK_ALIGN`-aligned allocation of
         // `bytes` bytes that only this block refers to.
-        Ok(unsafe { Block::new(address, Some(ptr), bytes, kind, 0) })
+        Ok(unsafe { Block::new(address, Some(ptr), bytes, kind, self.tag) })
     }
 
     fn release(&self, block: Block) {
-        let ptr = block.host_ptr().expect("host blocks have a host pointer");
+        let Some(ptr) = block.host_ptr().filter(|_| block.token() == self.tag) else {
+            tracing::error!(?block, "host backend refused a block it did not allocate");
+            return;
+        };
         let layout = Layout::from_size_align(block.bytes().max(1), BLOCK_ALIGN)
             .expect("the layout was valid at allocation");
         // SAFETY: the block was allocated by `allocate` above with this very layout, and the

@@ -151,18 +151,22 @@ pub struct MemoryInfo {
 }
 
 /// A backend's failure, classified so the pool knows whether releasing idle blocks may help.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
     /// The device is out of memory now; releasing cached blocks and retrying may succeed.
+    #[error("device out of memory")]
     OutOfMemory,
     /// The request can never be served by this backend (e.g. above its largest buffer).
+    #[error("larger than the backend's limit of {limit} bytes")]
     TooLarge {
         /// The largest single allocation the backend can make.
         limit: u64,
     },
     /// The backend does not offer this memory kind.
+    #[error("{0:?} memory is not offered")]
     UnsupportedKind(MemoryKind),
     /// Any other driver failure, with the driver's words.
+    #[error("driver error: {0}")]
     Driver(String),
 }
 
@@ -186,8 +190,9 @@ pub trait Backend: Send + Sync + 'static {
     fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError>;
 
     /// Gives a block back to the driver. The pool calls it only with blocks this backend
-    /// allocated, once each, after any GPU work using them is complete (it synchronises first
-    /// when it cannot prove that).
+    /// allocated, once each, after any GPU work using them is complete. Because the method is
+    /// safe, a backend must refuse (log and leak) a block it did not make, e.g. by tagging
+    /// its tokens.
     fn release(&self, block: Block);
 
     /// Free and total device memory, where the backend can tell.

@@ -43,8 +43,14 @@ pub fn assert_consistent(stats: &PoolStats, sim: &SimBackend) {
         totals.hits + totals.misses + totals.bypasses
     );
     let ledger = sim.counters();
-    assert_eq!(totals.blocks_held, ledger.live_allocations);
-    assert_eq!(totals.reserved_bytes, ledger.live_bytes);
+    assert_eq!(
+        totals.blocks_held + totals.pending_release_blocks,
+        ledger.live_allocations
+    );
+    assert_eq!(
+        totals.reserved_bytes + totals.pending_release_bytes,
+        ledger.live_bytes
+    );
     assert_eq!(ledger.invalid_releases, 0);
     for device in &stats.devices {
         for class in &device.classes {

@@ -733,7 +733,7 @@ fn stream_reuse_waits_for_a_fence_on_asynchronous_devices() {
 }
 
 #[test]
-fn releasing_blocks_with_pending_work_synchronises_first() {
+fn releasing_blocks_with_pending_work_waits_for_their_stream_without_blocking() {
     let (manager, sim) = sim_manager_on(
         SimConfig {
             asynchronous: true,
@@ -746,7 +746,44 @@ fn releasing_blocks_with_pending_work_synchronises_first() {
         ..AllocOptions::default()
     };
     drop(manager.allocate_with::<u8>(4096, options).unwrap());
-    let before = sim.counters().synchronizations;
-    manager.clear();
-    assert_eq!(sim.counters().synchronizations, before + 1);
+    let report = manager.clear();
+    assert_eq!(report.blocks, 1);
+    // Out of the cache, but still held from the device until stream 5's fence completes.
+    let stats = manager.stats();
+    assert_eq!(stats.totals.cached_bytes, 0);
+    assert_eq!(stats.totals.pending_release_blocks, 1);
+    assert_eq!(sim.counters().live_allocations, 1);
+    assert_eq!(sim.counters().synchronizations, 0, "no device-wide wait");
+    assert_consistent(&stats, &sim);
+
+    sim.complete_fences();
+    manager.trim(TrimLevel::Normal);
+    assert_eq!(manager.stats().totals.pending_release_blocks, 0);
+    assert_eq!(sim.counters().live_allocations, 0);
+    assert_consistent(&manager.stats(), &sim);
+}
+
+#[test]
+fn out_of_memory_recovery_waits_for_deferred_releases() {
+    let (manager, sim) = sim_manager_on(
+        SimConfig {
+            asynchronous: true,
+            capacity_bytes: 64 * KIB as u64,
+            ..SimConfig::default()
+        },
+        defaults(),
+    );
+    let options = AllocOptions {
+        stream: StreamId(9),
+        ..AllocOptions::default()
+    };
+    let held: Vec<_> = (0..4)
+        .map(|_| manager.allocate_with::<u8>(16 * KIB, options).unwrap())
+        .collect();
+    drop(held);
+    manager.clear(); // all four wait for stream 9
+    let big = manager.allocate_with::<u8>(64 * KIB, options).unwrap();
+    assert_eq!(sim.counters().synchronizations, 1, "synchronised once to recover");
+    assert_consistent(&manager.stats(), &sim);
+    drop(big);
 }

@@ -1,9 +1,10 @@
 //! `PooledBuffer<T>`: ownership is the API.
 //!
 //! A buffer owns its block; dropping it gives the block back to its class (or releases it).
-//! There is no `free` call and so no double return. Each buffer keeps the pool alive through an
-//! `Arc`, so buffers may outlive every `MemoryManager` handle; the last owner releases
-//! everything.
+//! There is no `free` call and so no double return. Each buffer keeps the pool alive through
+//! the `Arc` inside its block record (the reference moves with the record between cache and
+//! buffer, so the hit path never touches a reference count); buffers may outlive every
+//! `MemoryManager` handle, and the last owner releases everything.
 //!
 //! Host access hands out `&[T]` only for `T: bytemuck::Pod` (every bit pattern valid), over
 //! memory backends promise is initialised, so reading a reused block is never undefined
@@ -16,10 +17,10 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use crate::backend::{MemoryKind, StreamId};
-use crate::class_cache::IdleBlock;
+use crate::class_cache::BlockRecord;
 use crate::error::PoolError;
 use crate::fence::{Fence, Pending};
-use crate::pool_manager::{Allocation, PoolAnchor, BYPASS};
+use crate::pool_manager::{Allocation, PoolManager, BYPASS};
 
 #[derive(Default)]
 struct BufferGates {
@@ -39,8 +40,7 @@ struct BufferGates {
 /// drop(buffer); // back to the 4 KiB class, ready for the next request
 /// ```
 pub struct PooledBuffer<T> {
-    anchor: Arc<PoolAnchor>,
-    record: ManuallyDrop<IdleBlock>,
+    record: ManuallyDrop<Box<BlockRecord>>,
     len: usize,
     requested_bytes: usize,
     device: u32,
@@ -60,7 +60,6 @@ unsafe impl<T: Sync> Sync for PooledBuffer<T> {}
 
 impl<T> PooledBuffer<T> {
     pub(crate) fn new(
-        anchor: Arc<PoolAnchor>,
         allocation: Allocation,
         len: usize,
         requested_bytes: usize,
@@ -68,7 +67,6 @@ impl<T> PooledBuffer<T> {
         stream: StreamId,
     ) -> Self {
         PooledBuffer {
-            anchor,
             record: ManuallyDrop::new(allocation.record),
             len,
             requested_bytes,
@@ -193,6 +191,14 @@ impl<T> fmt::Debug for PooledBuffer<T> {
 }
 
 impl<T> PooledBuffer<T> {
+    /// The pool this buffer's block belongs to.
+    fn pool(&self) -> &PoolManager {
+        self.record
+            .owner
+            .as_deref()
+            .expect("a live buffer's record always holds its pool")
+    }
+
     /// Turns the buffer's fences and extra streams into the cached block's pending state.
     #[cold]
     fn settle_gates(&self, gates: BufferGates) -> Pending {
@@ -200,7 +206,7 @@ impl<T> PooledBuffer<T> {
             mut fences,
             extra_streams,
         } = gates;
-        let backend = self.anchor.pool.backend(self.device as usize);
+        let backend = self.pool().backend(self.device as usize);
         for stream in extra_streams {
             match backend.record_fence(stream) {
                 Ok(Some(fence)) => fences.push(fence),
@@ -218,15 +224,28 @@ impl<T> PooledBuffer<T> {
 
 impl<T> Drop for PooledBuffer<T> {
     fn drop(&mut self) {
-        // SAFETY: `record` is taken exactly once, here, and never read again.
-        let mut record = unsafe { ManuallyDrop::take(&mut self.record) };
-        let device = self.device as usize;
-        record.pending = match self.gates.take() {
+        // Fences first: `settle_gates` reads the record.
+        let pending = match self.gates.take() {
             None => Pending::on(self.stream),
             Some(gates) => self.settle_gates(*gates),
         };
-        self.anchor
-            .pool
-            .give_back(device, self.cache, record, self.requested_bytes);
+        // SAFETY: `record` is taken exactly once, here, and never read again.
+        let record = unsafe { ManuallyDrop::take(&mut self.record) };
+        let device = self.device as usize;
+        let pool: *const PoolManager = record
+            .owner
+            .as_deref()
+            .expect("a live buffer's record always holds its pool");
+        // SAFETY: the record moved into `give_back` holds an `Arc` of the pool. Until the call
+        // returns, either that `Arc` is still in our record, or it sits in a cache, where only
+        // a handle-holding caller (trim, maintenance: they own an `Arc` themselves) or the last
+        // handle's drop (which holds its own `Arc` meanwhile, and turns pooling off so nothing
+        // is cached after it) can take it out; or `give_back` hands it back to us. The cache's
+        // lock release is the last access `give_back` makes to the pool after caching, as with
+        // any mutex another thread may free once it is unlocked.
+        let owner =
+            unsafe { &*pool }.give_back(device, self.cache, record, pending, self.requested_bytes);
+        // Possibly the pool's last reference: dropped only now that `give_back` has returned.
+        drop(owner);
     }
 }

@@ -1,47 +1,88 @@
 //! The idle blocks of one size class and memory kind on one device: the seed's `MemoryPool`.
 //!
 //! This is the hit path, so it is sharded: each thread works on its own lock shard (picked once
-//! per thread), and an uncontended `Mutex` costs two atomic instructions. Counters live inside
-//! the shard beside the blocks they describe and change under the same lock, so a snapshot that
-//! holds every shard sees figures that agree with each other exactly. The cap on idle blocks is
-//! per class (the seed's 32), enforced across shards by one atomic that is reserved before a
-//! block is cached, so it can never be exceeded, even momentarily.
+//! per thread), and takes exactly one atomic instruction per operation. Three choices get it
+//! there:
+//!
+//! - Shards use a spin lock (the `spin` crate) whose unlock is a plain release store; std's
+//!   `Mutex` needs a second atomic read-modify-write to unlock (it must know about sleepers).
+//!   A waiter yields the CPU, so a preempted holder is not spun against for long.
+//! - Counters live inside the shard beside the blocks they describe and change under the same
+//!   lock, so a snapshot that holds every shard sees figures that agree with each other exactly.
+//! - The cap on idle blocks is per class (the seed's 32) and exact, without a shared counter:
+//!   it is split into per-shard quotas. A shard caches a block only below its quota; a shard at
+//!   its quota takes more from the class's unassigned reserve, or from other shards' unused
+//!   quota, on a slow path under a class-level lock. The sum of quotas never exceeds the cap, so
+//!   the cap can never be exceeded, even momentarily.
 //!
 //! Blocks are kept as a stack: the most recently dropped block is reused first (warm in caches
 //! and TLBs); the oldest sit at the bottom, where trims take them from.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crossbeam_utils::CachePadded;
+use spin::mutex::{SpinMutex, SpinMutexGuard};
+use spin::relax::Yield;
 
 use crate::backend::{Block, StreamId};
 use crate::fence::Pending;
 use crate::latency::Histogram;
+use crate::pool_manager::PoolManager;
 
-/// A block with what still holds it back and when it went idle. Boxed once, when the block
-/// comes from the backend, so the hit path moves one pointer between cache and buffer instead
-/// of copying the record through the stack.
+/// A block and the pool it belongs to. Boxed once, when the block comes from the backend, so
+/// cache and buffer pass one pointer back and forth and the hit path never reads the record.
 pub(crate) struct BlockRecord {
     pub block: Block,
+    /// Keeps the pool alive for as long as the block is owned or cached. The reference moves
+    /// with the record between cache and buffer, so the hit path never touches a reference
+    /// count. (Cached records form a cycle with the pool; the last manager handle breaks it by
+    /// turning pooling off, which empties every cache.)
+    pub owner: Option<Arc<PoolManager>>,
+}
+
+impl BlockRecord {
+    /// A fresh record for a block just allocated.
+    pub fn boxed(block: Block, owner: Option<Arc<PoolManager>>) -> Box<BlockRecord> {
+        Box::new(BlockRecord { block, owner })
+    }
+}
+
+/// A cached block: its record, what still holds it back, and when it went idle. The
+/// reuse checks read these fields from the cache's own vector, not through the record.
+pub(crate) struct IdleBlock {
+    pub record: Box<BlockRecord>,
     pub pending: Pending,
     /// The maintenance epoch in which the block was last dropped.
     pub epoch: u64,
 }
 
-impl BlockRecord {
-    /// A fresh record for a block just allocated on `stream`.
-    pub fn boxed(block: Block, stream: StreamId) -> IdleBlock {
-        Box::new(BlockRecord {
-            block,
-            pending: Pending::on(stream),
-            epoch: 0,
-        })
+impl IdleBlock {
+    pub fn new(record: Box<BlockRecord>, pending: Pending, epoch: u64) -> IdleBlock {
+        IdleBlock {
+            record,
+            pending,
+            epoch,
+        }
+    }
+
+    /// The block, for release.
+    pub fn into_block(self) -> Block {
+        self.record.block
     }
 }
 
-/// A cached (or owned) block record.
-pub(crate) type IdleBlock = Box<BlockRecord>;
+impl std::ops::Deref for IdleBlock {
+    type Target = BlockRecord;
+    fn deref(&self) -> &BlockRecord {
+        &self.record
+    }
+}
+
+impl std::ops::DerefMut for IdleBlock {
+    fn deref_mut(&mut self) -> &mut BlockRecord {
+        &mut self.record
+    }
+}
 
 /// Counters of one shard. In-use figures may go negative in one shard (a block allocated on
 /// one thread and dropped on another); only their sum over shards means something.
@@ -77,7 +118,14 @@ impl CacheCounters {
 pub(crate) struct Shard {
     idle: Vec<IdleBlock>,
     counters: CacheCounters,
+    /// How many idle blocks this shard may hold (its part of the class cap).
+    quota: usize,
 }
+
+type ShardLock = SpinMutex<Shard, Yield>;
+
+/// Quota a shard takes from the class reserve at a time.
+const QUOTA_CHUNK: usize = 4;
 
 impl Shard {
     /// The counters with the idle count filled in.
@@ -85,6 +133,29 @@ impl Shard {
         CacheCounters {
             idle_blocks: self.idle.len() as u64,
             ..self.counters
+        }
+    }
+
+    /// Counts a returned block and caches it (`cache`) or marks it for release.
+    #[inline]
+    fn admit(
+        &mut self,
+        idle: IdleBlock,
+        requested_bytes: usize,
+        cache: bool,
+        pooling: bool,
+    ) -> GiveBack {
+        self.counters.in_use_blocks -= 1;
+        self.counters.requested_live_bytes -= requested_bytes as i64;
+        if cache {
+            self.idle.push(idle);
+            GiveBack::Cached
+        } else {
+            self.counters.backend_releases += 1;
+            if pooling {
+                self.counters.releases_at_cap += 1;
+            }
+            GiveBack::Release(idle)
         }
     }
 
@@ -126,11 +197,10 @@ pub(crate) enum GiveBack {
 /// The idle blocks of one class and kind, in lock shards.
 pub(crate) struct ClassCache {
     class_bytes: usize,
-    max_idle: usize,
     shard_mask: usize,
-    shards: Box<[CachePadded<Mutex<Shard>>]>,
-    /// Idle blocks over all shards, plus slots reserved by blocks being cached right now.
-    idle_blocks: CachePadded<AtomicUsize>,
+    shards: Box<[CachePadded<ShardLock>]>,
+    /// Cap quota not assigned to any shard. Lock order: this, then shards.
+    reserve: Mutex<usize>,
     /// Sampled hit latencies.
     pub hit_latency: Histogram,
     /// Miss latencies (every miss).
@@ -143,17 +213,17 @@ impl ClassCache {
         debug_assert!(shards.is_power_of_two());
         ClassCache {
             class_bytes,
-            max_idle,
             shard_mask: shards - 1,
             shards: (0..shards)
                 .map(|_| {
-                    CachePadded::new(Mutex::new(Shard {
+                    CachePadded::new(SpinMutex::new(Shard {
                         idle: Vec::new(),
                         counters: CacheCounters::default(),
+                        quota: 0,
                     }))
                 })
                 .collect(),
-            idle_blocks: CachePadded::new(AtomicUsize::new(0)),
+            reserve: Mutex::new(max_idle),
             hit_latency: Histogram::default(),
             miss_latency: Histogram::default(),
         }
@@ -164,10 +234,8 @@ impl ClassCache {
     }
 
     #[inline]
-    fn shard(&self, index: usize) -> MutexGuard<'_, Shard> {
-        self.shards[index & self.shard_mask]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn shard(&self, index: usize) -> SpinMutexGuard<'_, Shard, Yield> {
+        self.shards[index & self.shard_mask].lock()
     }
 
     /// The hit path: a usable block from this thread's shard, counted as a request and a hit.
@@ -178,11 +246,7 @@ impl ClassCache {
         stream: StreamId,
         requested_bytes: usize,
     ) -> Option<IdleBlock> {
-        let taken = self.shard(shard).pop_usable(stream, requested_bytes);
-        if taken.is_some() {
-            self.idle_blocks.fetch_sub(1, Ordering::Relaxed);
-        }
-        taken
+        self.shard(shard).pop_usable(stream, requested_bytes)
     }
 
     /// The first step of a miss: a usable block from another thread's shard, with the shard
@@ -193,13 +257,29 @@ impl ClassCache {
         stream: StreamId,
         requested_bytes: usize,
     ) -> Option<(IdleBlock, usize)> {
-        if self.idle_blocks.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
         (1..=self.shard_mask).find_map(|offset| {
             self.take(shard + offset, stream, requested_bytes)
                 .map(|idle| (idle, shard + offset))
         })
+    }
+
+    /// Gives shard `shard` more quota: from the reserve, else the unused quota of other shards.
+    /// Returns whether any was found.
+    #[cold]
+    fn grow_quota(&self, shard: usize) -> bool {
+        let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut found = (*reserve).min(QUOTA_CHUNK);
+        *reserve -= found;
+        if found == 0 {
+            for offset in 1..=self.shard_mask {
+                let mut other = self.shard(shard + offset);
+                let unused = other.quota - other.idle.len();
+                other.quota -= unused;
+                found += unused;
+            }
+        }
+        self.shard(shard).quota += found;
+        found > 0
     }
 
     /// Runs `visit` on every idle block of every shard (used to attach stream fences).
@@ -242,56 +322,59 @@ impl ClassCache {
         requested_bytes: usize,
         pooling: bool,
     ) -> GiveBack {
-        let admitted = pooling && self.idle_blocks.fetch_add(1, Ordering::Relaxed) < self.max_idle;
-        if pooling && !admitted {
-            self.idle_blocks.fetch_sub(1, Ordering::Relaxed);
-        }
-        let mut shard = self.shard(shard);
-        shard.counters.in_use_blocks -= 1;
-        shard.counters.requested_live_bytes -= requested_bytes as i64;
-        if admitted {
-            shard.idle.push(idle);
-            GiveBack::Cached
-        } else {
-            shard.counters.backend_releases += 1;
-            if pooling {
-                shard.counters.releases_at_cap += 1;
+        {
+            let mut locked = self.shard(shard);
+            if !pooling || locked.idle.len() < locked.quota {
+                return locked.admit(idle, requested_bytes, pooling, pooling);
             }
-            GiveBack::Release(idle)
         }
+        // At this shard's quota: find more, then decide with the counters updated in one go.
+        let grown = self.grow_quota(shard);
+        let mut locked = self.shard(shard);
+        let room = grown && locked.idle.len() < locked.quota;
+        locked.admit(idle, requested_bytes, room, true)
     }
 
     /// Caches a freshly allocated block without a request (prewarming). Returns it back if the
     /// class is already at its cap.
     pub fn add_prewarmed(&self, shard: usize, idle: IdleBlock) -> Result<(), IdleBlock> {
-        if self.idle_blocks.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
-            self.idle_blocks.fetch_sub(1, Ordering::Relaxed);
-            return Err(idle);
+        let mut locked = self.shard(shard);
+        if locked.idle.len() >= locked.quota {
+            drop(locked);
+            if !self.grow_quota(shard) {
+                return Err(idle);
+            }
+            locked = self.shard(shard);
+            if locked.idle.len() >= locked.quota {
+                return Err(idle);
+            }
         }
-        let mut shard = self.shard(shard);
-        shard.counters.backend_allocations += 1;
-        shard.counters.prewarmed += 1;
-        shard.idle.push(idle);
+        locked.counters.backend_allocations += 1;
+        locked.counters.prewarmed += 1;
+        locked.idle.push(idle);
         Ok(())
     }
 
     /// Room left under the cap.
     pub fn free_slots(&self) -> usize {
-        self.max_idle
-            .saturating_sub(self.idle_blocks.load(Ordering::Relaxed))
+        let reserve = *self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        reserve
+            + self
+                .lock_all()
+                .iter()
+                .map(|shard| shard.quota - shard.idle.len())
+                .sum::<usize>()
     }
 
     /// Removes idle blocks, oldest first, keeping at least `keep` in the class; only blocks
     /// dropped in an epoch `<= idle_since` are taken when it is given. The removed blocks are
     /// counted as released here; the caller gives them to the backend.
     pub fn remove_idle(&self, keep: usize, idle_since: Option<u64>) -> Vec<IdleBlock> {
+        let mut shards = self.lock_all();
+        let cached: usize = shards.iter().map(|shard| shard.idle.len()).sum();
+        let mut budget = cached.saturating_sub(keep);
         let mut removed = Vec::new();
-        for index in 0..self.shards.len() {
-            let mut shard = self.shard(index);
-            let mut budget = self
-                .idle_blocks
-                .load(Ordering::Relaxed)
-                .saturating_sub(keep);
+        for shard in shards.iter_mut() {
             if budget == 0 {
                 break;
             }
@@ -307,21 +390,19 @@ impl ClassCache {
                 }
             }
             shard.idle = kept;
-            let taken = removed.len() - before;
-            shard.counters.backend_releases += taken as u64;
-            self.idle_blocks.fetch_sub(taken, Ordering::Relaxed);
+            shard.counters.backend_releases += (removed.len() - before) as u64;
         }
         removed
     }
 
     /// Locks every shard, in index order (the only order in which several are ever held).
-    pub fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
+    pub fn lock_all(&self) -> Vec<SpinMutexGuard<'_, Shard, Yield>> {
         (0..self.shards.len())
             .map(|index| self.shard(index))
             .collect()
     }
 
-    /// Sums the counters of every shard (locking them one after another).
+    /// Sums the counters of every shard.
     pub fn counters(&self) -> CacheCounters {
         let mut total = CacheCounters::default();
         for shard in self.lock_all() {

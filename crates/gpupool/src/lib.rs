@@ -6,6 +6,7 @@ pub mod backend;
 mod buffer;
 mod class_cache;
 mod config;
+pub mod dashboard;
 mod error;
 pub mod fence;
 mod latency;
@@ -14,6 +15,7 @@ mod memory_manager;
 mod pool_manager;
 mod size_class;
 mod stats;
+pub mod telemetry;
 
 pub use backend::{Backend, Block, MemoryKind, StreamId};
 pub use buffer::PooledBuffer;

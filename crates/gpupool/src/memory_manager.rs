@@ -13,7 +13,7 @@ use crate::buffer::PooledBuffer;
 use crate::config::PoolConfig;
 use crate::error::PoolError;
 use crate::maintenance::Maintenance;
-use crate::pool_manager::{thread_shard, PoolAnchor, PoolManager, ReleaseReport, TrimLevel};
+use crate::pool_manager::{PoolManager, ReleaseReport, TrimLevel};
 use crate::size_class::BLOCK_ALIGN;
 use crate::stats::PoolStats;
 
@@ -41,8 +41,6 @@ impl AllocOptions {
 
 struct Handle {
     pool: Arc<PoolManager>,
-    /// One per shard; see `PoolAnchor`.
-    anchors: Box<[Arc<PoolAnchor>]>,
     _maintenance: Option<Maintenance>,
 }
 
@@ -92,15 +90,11 @@ impl MemoryManager {
         config: PoolConfig,
     ) -> Result<MemoryManager, PoolError> {
         let interval = config.maintenance_interval;
-        let pool = Arc::new(PoolManager::new(backends, config)?);
+        let pool = PoolManager::new(backends, config)?;
         let maintenance = Maintenance::start(Arc::downgrade(&pool), interval);
-        let anchors = (0..pool.config().shards.next_power_of_two())
-            .map(|_| Arc::new(PoolAnchor { pool: pool.clone() }))
-            .collect();
         Ok(MemoryManager {
             handle: Arc::new(Handle {
                 pool,
-                anchors,
                 _maintenance: maintenance,
             }),
         })
@@ -148,9 +142,7 @@ impl MemoryManager {
         let allocation =
             self.pool()
                 .allocate(options.device, bytes, options.kind, options.stream)?;
-        let anchors = &self.handle.anchors;
         Ok(PooledBuffer::new(
-            anchors[thread_shard() & (anchors.len() - 1)].clone(),
             allocation,
             count,
             bytes,

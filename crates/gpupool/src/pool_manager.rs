@@ -23,7 +23,7 @@ use crate::backend::{Backend, BackendError, Block, MemoryKind, StreamId};
 use crate::class_cache::{BlockRecord, ClassCache, GiveBack, IdleBlock};
 use crate::config::PoolConfig;
 use crate::error::PoolError;
-use crate::fence::{CompletedFence, Fence};
+use crate::fence::{CompletedFence, Fence, Pending};
 use crate::latency;
 use crate::size_class::BLOCK_ALIGN;
 use crate::stats::{BypassStats, ClassStats, DeviceStats, PoolStats, Totals};
@@ -58,7 +58,7 @@ impl ReleaseReport {
 
 /// A block handed to a new owner.
 pub(crate) struct Allocation {
-    pub record: IdleBlock,
+    pub record: Box<BlockRecord>,
     pub cache: u32,
 }
 
@@ -115,14 +115,6 @@ impl DevicePool {
     }
 }
 
-/// One of several owners of the pool, one per shard. A buffer clones the anchor of its
-/// thread's shard rather than the pool's own `Arc`, so the reference count it bumps is not a
-/// cache line every thread fights over. Aligned so each anchor's count has its own line.
-#[repr(align(128))]
-pub(crate) struct PoolAnchor {
-    pub pool: Arc<PoolManager>,
-}
-
 /// Routes requests to classes on each device; see the module documentation.
 pub struct PoolManager {
     config: PoolConfig,
@@ -130,6 +122,8 @@ pub struct PoolManager {
     pooling: AtomicBool,
     /// Advanced by each maintenance tick; cached blocks remember the epoch they went idle in.
     epoch: AtomicU64,
+    /// This pool, for the records of blocks it allocates (see `BlockRecord::owner`).
+    this: std::sync::Weak<PoolManager>,
 }
 
 thread_local! {
@@ -175,7 +169,7 @@ impl PoolManager {
     pub(crate) fn new(
         backends: Vec<Arc<dyn Backend>>,
         config: PoolConfig,
-    ) -> Result<PoolManager, PoolError> {
+    ) -> Result<Arc<PoolManager>, PoolError> {
         if backends.is_empty() {
             return Err(PoolError::InvalidConfig("no device to pool".into()));
         }
@@ -214,12 +208,13 @@ impl PoolManager {
                 deferred_count: AtomicUsize::new(0),
             });
         }
-        Ok(PoolManager {
+        Ok(Arc::new_cyclic(|this| PoolManager {
             pooling: AtomicBool::new(config.pooling),
             config,
             devices: devices.into_boxed_slice(),
             epoch: AtomicU64::new(0),
-        })
+            this: this.clone(),
+        }))
     }
 
     pub(crate) fn config(&self) -> &PoolConfig {
@@ -322,7 +317,7 @@ impl PoolManager {
             }
         }
         Ok(Allocation {
-            record: idle,
+            record: idle.record,
             cache: index as u32,
         })
     }
@@ -387,7 +382,7 @@ impl PoolManager {
             "pool miss: allocated from the backend"
         );
         Ok(Allocation {
-            record: BlockRecord::boxed(block, stream),
+            record: BlockRecord::boxed(block, self.this.upgrade()),
             cache: index as u32,
         })
     }
@@ -445,7 +440,7 @@ impl PoolManager {
         bypass.requested_live_bytes += requested_bytes as u64;
         drop(bypass);
         Ok(Allocation {
-            record: BlockRecord::boxed(block, StreamId::DEFAULT),
+            record: BlockRecord::boxed(block, self.this.upgrade()),
             cache: BYPASS,
         })
     }
@@ -546,44 +541,61 @@ impl PoolManager {
         pool.committed_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Takes a block back from a dropped buffer (its pending state already filled in).
+    /// Takes a block back from a dropped buffer (its pending state already filled in). If the
+    /// block is not cached, its reference to the pool comes back to the caller, which must drop
+    /// it only after this call returns: it may be the pool's last.
     #[inline]
     pub(crate) fn give_back(
         &self,
         device: usize,
         cache: u32,
-        record: IdleBlock,
+        mut record: Box<BlockRecord>,
+        pending: Pending,
         requested_bytes: usize,
-    ) {
+    ) -> Option<Arc<PoolManager>> {
         let pool = &self.devices[device];
         if cache == BYPASS {
-            self.give_back_bypass(pool, record, requested_bytes);
-        } else {
-            self.give_back_cached(pool, cache as usize, record, requested_bytes);
+            let owner = record.owner.take();
+            self.give_back_bypass(pool, IdleBlock::new(record, pending, 0), requested_bytes);
+            return owner;
         }
-    }
-
-    #[inline]
-    fn give_back_cached(
-        &self,
-        pool: &DevicePool,
-        index: usize,
-        mut record: IdleBlock,
-        requested_bytes: usize,
-    ) {
-        record.epoch = self.epoch.load(Ordering::Relaxed);
+        let record = IdleBlock::new(record, pending, self.epoch.load(Ordering::Relaxed));
         if pool.purgeable && record.pending.gates.is_none() {
             // Before the block becomes visible to other threads, never after; and never while
             // GPU work may still read it (whether the OS may discard such pages is undocumented).
             pool.backend.make_purgeable(&record.block);
         }
-        let outcome = pool.caches[index].give_back(
+        let outcome = pool.caches[cache as usize].give_back(
             thread_shard(),
             record,
             requested_bytes,
             self.pooling.load(Ordering::Relaxed),
         );
-        if let GiveBack::Release(record) = outcome {
+        match outcome {
+            GiveBack::Cached => None,
+            GiveBack::Release(mut record) => {
+                let owner = record.owner.take();
+                self.release_blocks(pool, vec![record]);
+                owner
+            }
+        }
+    }
+
+    /// Puts a block that could not be handed out back in its cache (the caller holds a handle,
+    /// so the pool outlives the call).
+    fn give_back_cached(
+        &self,
+        pool: &DevicePool,
+        index: usize,
+        record: IdleBlock,
+        requested_bytes: usize,
+    ) {
+        if let GiveBack::Release(record) = pool.caches[index].give_back(
+            thread_shard(),
+            record,
+            requested_bytes,
+            self.pooling.load(Ordering::Relaxed),
+        ) {
             self.release_blocks(pool, vec![record]);
         }
     }
@@ -636,10 +648,11 @@ impl PoolManager {
                 }
             }
             if record.pending.gates.is_none() || record.pending.is_idle() {
-                let record = *record;
-                pool.backend.release(record.block);
+                pool.backend.release(record.into_block());
                 self.unreserve(pool, record_bytes);
             } else {
+                // A deferred block keeps no pool reference: the pool's own drop releases it.
+                record.owner = None;
                 deferred.push(record);
             }
         }
@@ -659,7 +672,10 @@ impl PoolManager {
         }
         if wait {
             if let Err(error) = pool.backend.synchronize() {
-                tracing::warn!(?error, "synchronize before releasing deferred blocks failed");
+                tracing::warn!(
+                    ?error,
+                    "synchronize before releasing deferred blocks failed"
+                );
             }
         }
         let ready: Vec<IdleBlock> = {
@@ -677,7 +693,7 @@ impl PoolManager {
         };
         for record in ready {
             let bytes = record.block.bytes() as u64;
-            pool.backend.release(record.block);
+            pool.backend.release(record.into_block());
             self.unreserve(pool, bytes);
         }
     }
@@ -814,15 +830,18 @@ impl PoolManager {
                     break;
                 }
             };
-            let mut idle = BlockRecord::boxed(block, StreamId::DEFAULT);
-            idle.epoch = self.epoch.load(Ordering::Relaxed);
+            let mut idle = IdleBlock::new(
+                BlockRecord::boxed(block, self.this.upgrade()),
+                Pending::on(StreamId::DEFAULT),
+                self.epoch.load(Ordering::Relaxed),
+            );
             // No GPU work ever touched a prewarmed block: any stream may take it.
             idle.pending.set_stream_fence(Arc::new(CompletedFence));
             if pool.purgeable {
                 pool.backend.make_purgeable(&idle.block);
             }
             if let Err(idle) = cache.add_prewarmed(shard, idle) {
-                pool.backend.release(idle.block);
+                pool.backend.release(idle.into_block());
                 self.unreserve(pool, class_bytes as u64);
                 break;
             }

@@ -25,8 +25,8 @@ use naive::NaivePool;
 use timing::{median_ms, pair_percentiles};
 
 /// Runs of each timed workload; the median is reported.
-const RUNS: usize = 7;
-const SEED_ITERATIONS: usize = 1000;
+pub(super) const RUNS: usize = 7;
+pub(super) const SEED_ITERATIONS: usize = 1000;
 const MIXED_SIZES: [usize; 6] = [256, 1024, 4096, 16384, 65536, 262144];
 const MIXED_ITERATIONS: usize = 500;
 const LATENCY_SIZES: [usize; 3] = [256, 4096, 1 << 20];
@@ -77,6 +77,18 @@ pub struct WorkloadReport {
     /// Per-size rows (seed-mixed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sizes: Vec<SizeRow>,
+    /// Driver allocators on the same workload (CUDA).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerTime>,
+}
+
+/// A driver allocator's time on a workload.
+#[derive(Debug, Serialize)]
+pub struct PeerTime {
+    /// The peer's name.
+    pub name: String,
+    /// Median time.
+    pub ms: f64,
 }
 
 /// One size of the mixed workload.
@@ -236,6 +248,7 @@ fn workload(
         speedup: direct_ms / pooled_ms,
         naive_ms,
         sizes: rows,
+        peers: Vec::new(),
     };
     Ok((report, pooled))
 }
@@ -276,7 +289,7 @@ fn latency(backend: &Arc<dyn Backend>, bytes: usize) -> Result<LatencyReport, Po
 }
 
 /// Threads of the throughput runs.
-pub const THROUGHPUT_THREADS: [usize; 3] = [1, 4, 16];
+pub(super) const THROUGHPUT_THREADS: [usize; 3] = [1, 4, 16];
 /// Pairs each thread runs.
 const THROUGHPUT_PAIRS: usize = 100_000;
 
@@ -369,9 +382,10 @@ pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
         .iter()
         .map(|&bytes| latency(&backend, bytes))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut workloads = vec![seed_4k_report, mixed_report];
     #[cfg(feature = "cuda")]
     let throughput = if backend.name() == "cuda" {
-        cuda_peers::add_peers(&backend, &mut latency_rows)?
+        cuda_peers::add_peers(&mut latency_rows, &mut workloads)?
     } else {
         throughput(&backend, &[gpupool::StreamId::DEFAULT])?
     };
@@ -381,7 +395,7 @@ pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
         backend: backend.name().to_string(),
         device: backend.device_name(),
         cpu: cpu_name(),
-        workloads: vec![seed_4k_report, mixed_report],
+        workloads,
         latency: std::mem::take(&mut latency_rows),
         throughput,
         final_stats: Some(mixed_stats),
@@ -446,6 +460,15 @@ pub fn render_text(report: &BenchReport) -> String {
             workload.naive_ms,
             workload.naive_ms / workload.pooled_ms
         );
+        for peer in &workload.peers {
+            let _ = writeln!(
+                out,
+                "{} Time: {:.3} ms (gpupool is {:.2}x its speed)",
+                peer.name,
+                peer.ms,
+                peer.ms / workload.pooled_ms
+            );
+        }
         if !workload.sizes.is_empty() {
             let _ = writeln!(out);
             let _ = writeln!(out, "Per-Size Statistics:");

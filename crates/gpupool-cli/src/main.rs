@@ -1,13 +1,24 @@
-//! The `gpupool` command: benchmarks (and, later, trace replay and reports).
+//! The `gpupool` command: benchmarks, trace replay, the statistics dashboard and the metrics
+//! endpoint.
+//!
+//! Logs: the library's `tracing` events go to stderr, filtered by `RUST_LOG` (default `warn`;
+//! `RUST_LOG=debug` shows every pool miss, `info` the trims and OOM retries).
 
 mod backend_choice;
 mod bench;
+mod metrics_server;
+mod replay;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use gpupool::dashboard::{self, Style};
+use gpupool::telemetry::{self, SnapshotCollector};
 
 use backend_choice::BackendName;
+use metrics_server::{CurrentManager, MetricsServer};
 
 /// gpupool: a GPU memory pool, its benchmarks and its reports.
 #[derive(Parser)]
@@ -19,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The seed's workloads and hit-path latency, against peers in the same run.
+    /// The seed's workloads and hit-path latency, against peers in the same run; the text
+    /// output ends with the dashboard of the pool after the mixed workload.
     Bench {
         /// Backend to measure; `auto` picks CUDA, else Metal, else host.
         #[arg(long, value_enum, default_value_t = BackendName::Auto)]
@@ -27,6 +39,40 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464; port 0
+        /// picks one). Bench does not hand out its managers yet, so the endpoint serves the
+        /// mixed workload's statistics from the end of the run.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
+    },
+    /// Replay an allocation trace (op,id,size,stream CSV, gzip or not) through the pool.
+    Replay {
+        /// The trace file.
+        trace: PathBuf,
+        /// Backend to allocate from.
+        #[arg(long, value_enum, default_value_t = BackendName::Sim)]
+        backend: BackendName,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Size-class steps per doubling: 1 is the seed's powers of two, 4 wastes at most 20 %.
+        #[arg(long, default_value_t = 1)]
+        steps_per_doubling: usize,
+        /// Draw requested-live, in-use and reserved bytes over the trace into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Events between two samples of the plot.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+        plot_every: u64,
+        /// End the text output with the dashboard of the pool after the replay.
+        #[arg(long)]
+        dashboard: bool,
+        /// Timed replays, each on a fresh manager; the median time per operation is reported.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        runs: u64,
+        /// Serve Prometheus metrics of the running replay on this loopback address.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
     },
 }
 
@@ -39,22 +85,173 @@ enum Format {
     Json,
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`), coloured only on a terminal
+/// without `NO_COLOR`.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let ansi = Style::detect(&std::io::stderr()).color;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
+}
+
+/// Starts the metrics endpoint, if one was asked for, and says where it is.
+fn serve_metrics(
+    address: Option<SocketAddr>,
+    collector: impl prometheus_client::collector::Collector,
+) -> Result<Option<MetricsServer>, String> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let server = MetricsServer::start(address, telemetry::registry(collector))
+        .map_err(|error| format!("cannot serve metrics on {address}: {error}"))?;
+    eprintln!(
+        "gpupool: serving metrics at http://{}/metrics",
+        server.local_addr()
+    );
+    Ok(Some(server))
+}
+
+/// The bench text: its tables, then the dashboard of the pool after the mixed workload.
+fn bench_text(report: &bench::BenchReport, style: Style) -> String {
+    let mut text = bench::render_text(report);
+    if let Some(stats) = &report.final_stats {
+        text.push('\n');
+        text.push_str(&dashboard::render(stats, style));
+    }
+    text
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Bench {
+            backend,
+            format,
+            metrics_addr,
+        } => {
+            let snapshot = SnapshotCollector::new();
+            let _server = serve_metrics(metrics_addr, snapshot.clone())?;
+            let report = bench::run(backend).map_err(|error| error.to_string())?;
+            if let Some(stats) = &report.final_stats {
+                snapshot.publish(stats.clone());
+            }
+            match format {
+                Format::Text => print!("{}", bench_text(&report, Style::for_stdout())),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("the report serialises")
+                ),
+            }
+            Ok(())
+        }
+        Command::Replay {
+            trace,
+            backend,
+            format,
+            steps_per_doubling,
+            plot,
+            plot_every,
+            dashboard: with_dashboard,
+            runs,
+            metrics_addr,
+        } => {
+            let current = CurrentManager::default();
+            let _server = serve_metrics(metrics_addr, current.clone())?;
+            let options = replay::ReplayOptions {
+                trace,
+                backend,
+                steps_per_doubling,
+                plot,
+                plot_every: usize::try_from(plot_every).unwrap_or(usize::MAX),
+                runs: usize::try_from(runs).unwrap_or(usize::MAX),
+            };
+            let report = replay::run(&options, &|manager| current.set(manager))
+                .map_err(|e| e.to_string())?;
+            match format {
+                Format::Text => {
+                    print!("{}", replay::render_text(&report));
+                    if with_dashboard {
+                        let stats = &report.pool_report.stats;
+                        print!("\n{}", dashboard::render(stats, Style::for_stdout()));
+                    }
+                }
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("the report serialises")
+                ),
+            }
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Bench { backend, format } => bench::run(backend).map(|report| match format {
-            Format::Text => print!("{}", bench::render_text(&report)),
-            Format::Json => println!(
-                "{}",
-                serde_json::to_string_pretty(&report).expect("the report serialises")
-            ),
-        }),
-    };
-    match result {
+    init_logging();
+    match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("gpupool: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_text_ends_with_the_dashboard() {
+        let manager = gpupool::MemoryManager::new(gpupool::backend::sim::SimBackend::default());
+        for _ in 0..10 {
+            drop(manager.allocate_bytes(4096).unwrap());
+        }
+        let stats = manager.stats();
+        let report = bench::BenchReport {
+            backend: "sim".into(),
+            device: "simulated".into(),
+            cpu: "test".into(),
+            workloads: Vec::new(),
+            latency: Vec::new(),
+            throughput: Vec::new(),
+            final_stats: Some(stats.clone()),
+        };
+        let text = bench_text(&report, Style::PLAIN);
+        assert!(text.starts_with(&bench::render_text(&report)));
+        assert!(text.ends_with(&dashboard::render(&stats, Style::PLAIN)));
+        assert!(text.contains("Pool Size Breakdown"));
+    }
+
+    #[test]
+    fn the_command_line_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "gpupool",
+            "replay",
+            "t.csv.gz",
+            "--steps-per-doubling",
+            "4",
+            "--plot",
+            "m.svg",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Replay {
+                steps_per_doubling: 4,
+                backend: BackendName::Sim,
+                plot: Some(_),
+                metrics_addr: Some(_),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["gpupool", "replay", "t", "--plot-every", "0"]).is_err());
     }
 }

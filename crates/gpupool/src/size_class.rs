@@ -17,6 +17,10 @@ pub const BLOCK_ALIGN: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SizeClasses {
     class_bytes: Vec<usize>,
+    /// For each `p`, the index of the smallest class above `2^p`: a request in
+    /// `(2^p, 2^(p+1)]` starts its search there and finds its class within
+    /// `steps_per_doubling + 1` comparisons, with no binary search on the hit path.
+    doubling_start: [u16; 64],
 }
 
 impl SizeClasses {
@@ -55,13 +59,29 @@ impl SizeClasses {
             base *= 2;
         }
         class_bytes.push(max_bytes);
-        Ok(SizeClasses { class_bytes })
+        let mut doubling_start = [0u16; 64];
+        for (power, start) in doubling_start.iter_mut().enumerate() {
+            let above = 1usize.checked_shl(power as u32).unwrap_or(usize::MAX);
+            *start = class_bytes.partition_point(|&size| size <= above) as u16;
+        }
+        Ok(SizeClasses {
+            class_bytes,
+            doubling_start,
+        })
     }
 
     /// The index of the smallest class that holds `bytes`, or `None` above the largest class.
     #[inline]
     pub fn class_for(&self, bytes: usize) -> Option<usize> {
-        let index = self.class_bytes.partition_point(|&size| size < bytes);
+        if bytes <= self.class_bytes[0] {
+            return Some(0);
+        }
+        // bytes >= 2: it lies in (2^power, 2^(power+1)].
+        let power = (usize::BITS - 1 - (bytes - 1).leading_zeros()) as usize;
+        let mut index = self.doubling_start[power] as usize;
+        while index < self.class_bytes.len() && self.class_bytes[index] < bytes {
+            index += 1;
+        }
         (index < self.class_bytes.len()).then_some(index)
     }
 

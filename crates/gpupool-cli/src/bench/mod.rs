@@ -382,6 +382,7 @@ pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
         .iter()
         .map(|&bytes| latency(&backend, bytes))
         .collect::<Result<Vec<_>, _>>()?;
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut workloads = vec![seed_4k_report, mixed_report];
     #[cfg(feature = "cuda")]
     let throughput = if backend.name() == "cuda" {

@@ -783,7 +783,11 @@ fn out_of_memory_recovery_waits_for_deferred_releases() {
     drop(held);
     manager.clear(); // all four wait for stream 9
     let big = manager.allocate_with::<u8>(64 * KIB, options).unwrap();
-    assert_eq!(sim.counters().synchronizations, 1, "synchronised once to recover");
+    assert_eq!(
+        sim.counters().synchronizations,
+        1,
+        "synchronised once to recover"
+    );
     assert_consistent(&manager.stats(), &sim);
     drop(big);
 }

@@ -5,3 +5,4 @@ mod core;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod metal_like;
+mod observability;

@@ -812,7 +812,11 @@ fn an_aggressive_trim_releases_every_cached_block_purgeable_or_not() {
     let aggressive = manager.trim(TrimLevel::Aggressive);
     assert_eq!(normal.blocks + aggressive.blocks, total);
     // The block a running command buffer still uses waits for it instead of being released now.
-    assert_eq!(fake.live_buffers(), 1, "only the fenced block is still held");
+    assert_eq!(
+        fake.live_buffers(),
+        1,
+        "only the fenced block is still held"
+    );
     let stats = manager.stats();
     assert_eq!(stats.totals.cached_bytes, 0);
     assert_eq!(stats.totals.pending_release_blocks, 1);

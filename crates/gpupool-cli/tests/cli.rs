@@ -1,0 +1,318 @@
+//! The `gpupool` command as a user runs it: trace replay (text, JSON, gzip, plot), its errors,
+//! logging and the metrics flag. One test binary for the CLI.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn gpupool(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpupool"));
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    command.output().expect("gpupool runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A scratch directory for one test, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("gpupool-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn write(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+fn gzip(contents: &str) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(contents.as_bytes()).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// A miss, a hit, a miss of another class and a bypass (above the 256 MiB largest class).
+const SMALL_TRACE: &str = "op,id,size,stream
+a,0,1000,0
+f,0,1000,0
+a,1,1000,0
+a,2,5000,0
+f,1,1000,0
+f,2,5000,0
+a,3,300000000,0
+f,3,300000000,0
+a,4,512,0
+";
+
+fn replay_json(path: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "replay",
+        path.to_str().unwrap(),
+        "--format",
+        "json",
+        "--runs",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let output = gpupool(&args, &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("JSON output")
+}
+
+#[test]
+fn replay_reports_the_figures_of_a_trace_as_json() {
+    let dir = scratch("json");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let json = replay_json(&path, &[]);
+    assert_eq!(json["events"], 9);
+    assert_eq!(json["backend"], "sim");
+    assert_eq!(
+        json["backend_allocations"], 4,
+        "1 KiB, 8 KiB, the bypass, 512 B"
+    );
+    assert_eq!(json["hit_rate"], 0.25);
+    assert!((json["allocation_reduction"].as_f64().unwrap() - 0.2).abs() < 1e-12);
+    assert_eq!(json["peak_live_bytes"], 300_000_000);
+    assert_eq!(json["peak_reserved_bytes"], 300_000_000 + 1024 + 8192);
+    let ratio = json["peak_ratio"].as_f64().unwrap();
+    assert!((ratio - 300_009_216.0 / 300_000_000.0).abs() < 1e-12);
+    assert!(json["ns_per_op"].as_f64().unwrap() > 0.0);
+    assert_eq!(json["live_at_end"], 1);
+    assert_eq!(json["runs"], 2);
+    // The dated pool report rides along: its statistics agree with the figures above.
+    let pool = &json["pool_report"];
+    assert_eq!(pool["stats"]["totals"]["hits"], 1);
+    assert_eq!(pool["stats"]["totals"]["backend_allocations"], 4);
+    assert_eq!(
+        pool["stats"]["totals"]["peak_reserved_bytes"],
+        json["peak_reserved_bytes"]
+    );
+    assert_eq!(pool["health"]["status"], "NeedsAttention");
+    assert!(pool["generated_at"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn replay_prints_its_figures_as_text_and_reads_gzip_by_content() {
+    let dir = scratch("text");
+    let plain = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    // Gzip is recognised by its magic bytes, whatever the file's name.
+    let compressed = write(&dir, "small.trace", &gzip(SMALL_TRACE));
+    let output = gpupool(&["replay", compressed.to_str().unwrap()], &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    for expected in [
+        "Events                9 (5 allocations, 4 frees, 1 live at the end)",
+        "Time per operation",
+        "Hit rate              25.00%",
+        "Allocation reduction  20.00%",
+        "Backend allocations   4 (1 bypassed the classes)",
+        "Peak live (trace)     0.279 GiB (300,000,000 bytes)",
+        "Peak reserved / live  1.000",
+        "Pool Stats: 5 allocs, 25.0% hit rate, 20.0% reduction",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("Pool Size Breakdown"),
+        "the dashboard is asked for"
+    );
+    let with_dashboard = gpupool(&["replay", plain.to_str().unwrap(), "--dashboard"], &[]);
+    let stdout = text(&with_dashboard.stdout);
+    assert!(stdout.contains("gpupool Memory Pool Dashboard"), "{stdout}");
+    assert!(
+        stdout.contains("  bypass     -                  1"),
+        "{stdout}"
+    );
+    let from_plain = replay_json(&plain, &[]);
+    let from_gzip = replay_json(&compressed, &[]);
+    for key in [
+        "events",
+        "hit_rate",
+        "peak_live_bytes",
+        "peak_reserved_bytes",
+    ] {
+        assert_eq!(from_plain[key], from_gzip[key], "{key}");
+    }
+}
+
+#[test]
+fn finer_classes_change_the_pools_figures() {
+    let dir = scratch("steps");
+    let path = write(&dir, "steps.csv", b"a,0,5000,0\nf,0,5000,0\na,1,6000,0\n");
+    let seed = replay_json(&path, &[]);
+    let finer = replay_json(&path, &["--steps-per-doubling", "4"]);
+    assert_eq!(seed["backend_allocations"], 1, "8 KiB serves both");
+    assert_eq!(finer["backend_allocations"], 2, "5 KiB and 6 KiB classes");
+    assert_eq!(finer["steps_per_doubling"], 4);
+}
+
+#[test]
+fn malformed_traces_fail_with_the_line_and_never_panic() {
+    let dir = scratch("errors");
+    let mut long = String::new();
+    for id in 0..20_000 {
+        long.push_str(&format!("a,{id},512,0\n"));
+    }
+    let compressed = gzip(&long);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "unknown.csv",
+            b"a,0,10,0\nf,0,10,0\nf,7,10,0\n".to_vec(),
+            "line 3: free of unknown id 7",
+        ),
+        (
+            "op.csv",
+            b"op,id,size,stream\na,0,10,0\nz,1,10,0\n".to_vec(),
+            "line 3: bad op \"z\"",
+        ),
+        (
+            "number.csv",
+            b"a,0,12x,0\n".to_vec(),
+            "line 1: bad size \"12x\"",
+        ),
+        (
+            "fields.csv",
+            b"a,0,10,0,9\n".to_vec(),
+            "line 1: expected 4 fields",
+        ),
+        (
+            "truncated.csv.gz",
+            compressed[..compressed.len() / 2].to_vec(),
+            "truncated gzip data",
+        ),
+    ];
+    for (name, contents, expected) in cases {
+        let path = write(&dir, name, &contents);
+        let output = gpupool(&["replay", path.to_str().unwrap()], &[]);
+        let stderr = text(&output.stderr);
+        assert!(!output.status.success(), "{name} succeeded");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(stderr.contains(name), "{name}: the file is named: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        assert!(output.stdout.is_empty(), "{name}: no figures on error");
+    }
+    let missing = gpupool(&["replay", dir.join("absent.csv").to_str().unwrap()], &[]);
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("cannot open"));
+}
+
+#[test]
+fn replay_draws_the_memory_timeline_as_svg() {
+    let dir = scratch("plot");
+    let mut trace = String::new();
+    for id in 0..600u64 {
+        trace.push_str(&format!("a,{id},{},0\n", (id % 7 + 1) << 20));
+        if id >= 50 {
+            trace.push_str(&format!("f,{},{},0\n", id - 50, ((id - 50) % 7 + 1) << 20));
+        }
+    }
+    let path = write(&dir, "plot.csv", trace.as_bytes());
+    let svg = dir.join("memory.svg");
+    let output = gpupool(
+        &[
+            "replay",
+            path.to_str().unwrap(),
+            "--plot",
+            svg.to_str().unwrap(),
+            "--plot-every",
+            "25",
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("Memory timeline: "));
+    let drawing = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        drawing.starts_with("<svg"),
+        "{}",
+        &drawing[..80.min(drawing.len())]
+    );
+    for label in [
+        "event index",
+        "bytes (MiB)",
+        "reserved (held from the backend)",
+        "in use (blocks of live buffers)",
+        "requested live (the trace)",
+        "plot.csv: memory over the trace",
+    ] {
+        assert!(drawing.contains(label), "{label} not drawn");
+    }
+    assert!(drawing.matches("<polyline").count() >= 3, "three lines");
+}
+
+#[test]
+fn logs_follow_rust_log_on_stderr() {
+    let dir = scratch("logs");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let quiet = gpupool(&["replay", path.to_str().unwrap(), "--runs", "1"], &[]);
+    assert!(
+        !text(&quiet.stderr).contains("pool miss"),
+        "default is warn"
+    );
+    let debug = gpupool(
+        &["replay", path.to_str().unwrap(), "--runs", "1"],
+        &[("RUST_LOG", "gpupool=debug")],
+    );
+    let stderr = text(&debug.stderr);
+    assert!(
+        stderr.contains("pool miss: allocated from the backend"),
+        "{stderr}"
+    );
+    assert!(
+        !text(&debug.stdout).contains("pool miss"),
+        "logs stay off stdout"
+    );
+    assert!(!stderr.contains('\u{1b}'), "no colour off a terminal");
+}
+
+#[test]
+fn the_metrics_endpoint_binds_loopback_only() {
+    let dir = scratch("metrics");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let served = gpupool(
+        &[
+            "replay",
+            path.to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert!(served.status.success(), "{}", text(&served.stderr));
+    assert!(text(&served.stderr).contains("serving metrics at http://127.0.0.1:"));
+    let refused = gpupool(
+        &[
+            "replay",
+            path.to_str().unwrap(),
+            "--metrics-addr",
+            "0.0.0.0:0",
+        ],
+        &[],
+    );
+    assert!(!refused.status.success());
+    assert!(text(&refused.stderr).contains("only binds loopback"));
+}

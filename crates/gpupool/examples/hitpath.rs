@@ -1,8 +1,10 @@
-//! Quick hit-path timing (development aid): allocate+drop pairs of a cached block.
-use gpupool::{backend::host::HostBackend, MemoryManager};
-use std::time::Instant;
-fn main() {
-    let manager = MemoryManager::new(HostBackend::new());
+//! Quick hit-path timing (development aid): allocate+drop pairs of a cached block, under the
+//! default configuration and under the benchmark's (maintenance off, backend behind `dyn`).
+use gpupool::{backend::host::HostBackend, Backend, MemoryManager, PoolConfig};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn measure(label: &str, manager: &MemoryManager) {
     for bytes in [256usize, 4096, 1 << 20] {
         drop(manager.allocate_bytes(bytes).unwrap());
         let mut samples = Vec::new();
@@ -16,9 +18,27 @@ fn main() {
         }
         samples.sort_by(f64::total_cmp);
         println!(
-            "{bytes}: p50 {:.1} ns p99 {:.1} ns",
+            "{label} {bytes}: p50 {:.1} ns p99 {:.1} ns",
             samples[samples.len() / 2],
             samples[samples.len() * 99 / 100]
         );
     }
+}
+
+fn main() {
+    measure("default", &MemoryManager::new(HostBackend::new()));
+    let backend: Arc<dyn Backend> = Arc::new(HostBackend::new());
+    let config = PoolConfig::builder()
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    measure(
+        "bench-config",
+        &MemoryManager::with_devices(vec![backend], config).unwrap(),
+    );
+    let config = PoolConfig::builder().shards(8).build().unwrap();
+    measure(
+        "8-shards",
+        &MemoryManager::with_config(HostBackend::new(), config).unwrap(),
+    );
 }

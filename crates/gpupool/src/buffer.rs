@@ -223,6 +223,7 @@ impl<T> PooledBuffer<T> {
 }
 
 impl<T> Drop for PooledBuffer<T> {
+    #[inline(always)]
     fn drop(&mut self) {
         // Fences first: `settle_gates` reads the record.
         let pending = match self.gates.take() {

@@ -137,7 +137,7 @@ impl Shard {
     }
 
     /// Counts a returned block and caches it (`cache`) or marks it for release.
-    #[inline]
+    #[inline(always)]
     fn admit(
         &mut self,
         idle: IdleBlock,
@@ -170,7 +170,7 @@ impl Shard {
     }
 
     /// Takes the most recent block usable on `stream` and counts the hit.
-    #[inline]
+    #[inline(always)]
     fn pop_usable(&mut self, stream: StreamId, requested_bytes: usize) -> Option<IdleBlock> {
         let top = self.idle.last_mut()?;
         let idle = if top.pending.usable_on(stream) {
@@ -233,13 +233,13 @@ impl ClassCache {
         self.class_bytes
     }
 
-    #[inline]
+    #[inline(always)]
     fn shard(&self, index: usize) -> SpinMutexGuard<'_, Shard, Yield> {
         self.shards[index & self.shard_mask].lock()
     }
 
     /// The hit path: a usable block from this thread's shard, counted as a request and a hit.
-    #[inline]
+    #[inline(always)]
     pub fn take(
         &self,
         shard: usize,
@@ -314,7 +314,7 @@ impl ClassCache {
 
     /// Takes a block back from its owner: caches it if pooling is on and the class is under
     /// its cap, else hands it back to be released (counted as released here).
-    #[inline]
+    #[inline(always)]
     pub fn give_back(
         &self,
         shard: usize,

@@ -83,7 +83,7 @@ impl Pending {
 
     /// Whether a request on `stream` may take this block now. Drops fences found complete so
     /// they are not queried again.
-    #[inline]
+    #[inline(always)]
     pub fn usable_on(&mut self, stream: StreamId) -> bool {
         match &mut self.gates {
             None => self.stream == stream,

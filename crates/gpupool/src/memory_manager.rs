@@ -108,19 +108,19 @@ impl MemoryManager {
     ///
     /// Errors: zero `count`, `count × size_of::<T>()` overflowing, `T` aligned above 256
     /// bytes, budget or device exhausted.
-    #[inline]
+    #[inline(always)]
     pub fn allocate<T: bytemuck::Pod>(&self, count: usize) -> Result<PooledBuffer<T>, PoolError> {
         self.allocate_with(count, AllocOptions::default())
     }
 
     /// A buffer of `bytes` bytes.
-    #[inline]
+    #[inline(always)]
     pub fn allocate_bytes(&self, bytes: usize) -> Result<PooledBuffer<u8>, PoolError> {
         self.allocate_with(bytes, AllocOptions::default())
     }
 
     /// A buffer of `count` elements with explicit device, kind and stream.
-    #[inline]
+    #[inline(always)]
     pub fn allocate_with<T: bytemuck::Pod>(
         &self,
         count: usize,

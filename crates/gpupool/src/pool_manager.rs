@@ -94,7 +94,7 @@ struct DevicePool {
 }
 
 impl DevicePool {
-    #[inline]
+    #[inline(always)]
     fn kind_slot(&self, kind: Option<MemoryKind>) -> Result<(MemoryKind, usize), PoolError> {
         match kind {
             None => Ok((self.kinds[0], 0)),
@@ -133,7 +133,7 @@ thread_local! {
     static THREAD_STATE: (Cell<usize>, Cell<u32>) = const { (Cell::new(usize::MAX), Cell::new(0)) };
 }
 
-#[inline]
+#[inline(always)]
 fn shard_of(state: &Cell<usize>) -> usize {
     static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
     let current = state.get();
@@ -153,13 +153,13 @@ fn record_hit_latency(cache: &ClassCache, start: Instant) {
 }
 
 /// This thread's shard number.
-#[inline]
+#[inline(always)]
 pub(crate) fn thread_shard() -> usize {
     THREAD_STATE.with(|(shard, _)| shard_of(shard))
 }
 
 /// This thread's shard number, and whether to time this request.
-#[inline]
+#[inline(always)]
 fn thread_shard_and_sample() -> (usize, bool) {
     THREAD_STATE
         .with(|(shard, countdown)| (shard_of(shard), latency::countdown_to_sample(countdown)))
@@ -240,7 +240,7 @@ impl PoolManager {
         self.pooling.load(Ordering::Relaxed)
     }
 
-    #[inline]
+    #[inline(always)]
     fn device(&self, device: usize) -> Result<&DevicePool, PoolError> {
         self.devices.get(device).ok_or(PoolError::NoSuchDevice {
             device,
@@ -249,7 +249,7 @@ impl PoolManager {
     }
 
     /// Serves one request of `bytes` bytes.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn allocate(
         &self,
         device: usize,
@@ -294,7 +294,7 @@ impl PoolManager {
         result
     }
 
-    #[inline]
+    #[inline(always)]
     fn hand_out(
         &self,
         pool: &DevicePool,
@@ -544,7 +544,7 @@ impl PoolManager {
     /// Takes a block back from a dropped buffer (its pending state already filled in). If the
     /// block is not cached, its reference to the pool comes back to the caller, which must drop
     /// it only after this call returns: it may be the pool's last.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn give_back(
         &self,
         device: usize,

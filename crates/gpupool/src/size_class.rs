@@ -71,7 +71,7 @@ impl SizeClasses {
     }
 
     /// The index of the smallest class that holds `bytes`, or `None` above the largest class.
-    #[inline]
+    #[inline(always)]
     pub fn class_for(&self, bytes: usize) -> Option<usize> {
         if bytes <= self.class_bytes[0] {
             return Some(0);

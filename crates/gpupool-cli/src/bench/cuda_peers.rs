@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use gpupool::backend::cuda::peers::{DirectAllocator, StreamOrderedPool};
 use gpupool::backend::cuda::CudaBackend;
-use gpupool::{AllocOptions, Backend, MemoryManager, PoolConfig, PoolError, StreamId};
+use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, StreamId};
 
 use super::naive::NaivePool;
 use super::timing::{median_ms, pair_percentiles};
+use super::{hit_pairs_on, naive_pairs};
 use super::{
     threaded_rate, LatencyReport, PeerLatency, PeerTime, ThroughputReport, WorkloadReport, RUNS,
     SEED_ITERATIONS, THROUGHPUT_THREADS,
@@ -91,12 +92,8 @@ pub fn add_peers(
             .build()?;
         let dyn_backend: Arc<dyn Backend> = backend.clone();
         let pooled = MemoryManager::with_devices(vec![dyn_backend.clone()], config)?;
-        let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |thread| {
-            let options = AllocOptions {
-                stream: streams[thread],
-                ..AllocOptions::default()
-            };
-            drop(pooled.allocate_with::<u8>(4096, options).expect("pooled"));
+        let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |thread, pairs| {
+            hit_pairs_on(&pooled, 4096, streams[thread], pairs);
         });
         rows.push(ThroughputReport {
             allocator: "gpupool".into(),
@@ -104,29 +101,33 @@ pub fn add_peers(
             pairs_per_second: rate,
         });
         let naive = NaivePool::new(dyn_backend);
-        let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |_| {
-            naive.free(naive.allocate(4096));
+        let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |_, pairs| {
+            naive_pairs(&naive, 4096, pairs);
         });
         rows.push(ThroughputReport {
             allocator: "naive pool".into(),
             threads,
             pairs_per_second: rate,
         });
-        let rate = threaded_rate(threads, STREAM_POOL_PAIRS_PER_THREAD, |thread| {
+        let rate = threaded_rate(threads, STREAM_POOL_PAIRS_PER_THREAD, |thread, pairs| {
             let stream = peer_streams[thread];
-            let ptr = stream_pool
-                .alloc(4096, stream)
-                .expect("stream-ordered alloc");
-            stream_pool.free(ptr, stream).expect("stream-ordered free");
+            for _ in 0..pairs {
+                let ptr = stream_pool
+                    .alloc(4096, stream)
+                    .expect("stream-ordered alloc");
+                stream_pool.free(ptr, stream).expect("stream-ordered free");
+            }
         });
         rows.push(ThroughputReport {
             allocator: "cuda stream-ordered pool".into(),
             threads,
             pairs_per_second: rate,
         });
-        let rate = threaded_rate(threads, DIRECT_PAIRS_PER_THREAD, |_| {
-            let ptr = direct.alloc(4096).expect("cuMemAlloc");
-            direct.free(ptr).expect("cuMemFree");
+        let rate = threaded_rate(threads, DIRECT_PAIRS_PER_THREAD, |_, pairs| {
+            for _ in 0..pairs {
+                let ptr = direct.alloc(4096).expect("cuMemAlloc");
+                direct.free(ptr).expect("cuMemFree");
+            }
         });
         rows.push(ThroughputReport {
             allocator: "cuMemAlloc/cuMemFree".into(),

@@ -28,6 +28,24 @@ pub fn pair_percentiles(
     (percentile(&samples, 0.50), percentile(&samples, 0.99))
 }
 
+/// p50 and p99 of per-pair nanoseconds, where `batch(pairs)` runs `pairs` pairs itself.
+pub fn batch_percentiles(
+    batches: usize,
+    pairs_per_batch: usize,
+    mut batch: impl FnMut(usize),
+) -> (f64, f64) {
+    batch(pairs_per_batch.max(100));
+    let mut samples: Vec<f64> = (0..batches)
+        .map(|_| {
+            let start = Instant::now();
+            batch(pairs_per_batch);
+            start.elapsed().as_nanos() as f64 / pairs_per_batch as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    (percentile(&samples, 0.50), percentile(&samples, 0.99))
+}
+
 /// The `quantile` of sorted samples (nearest rank).
 pub fn percentile(sorted: &[f64], quantile: f64) -> f64 {
     if sorted.is_empty() {

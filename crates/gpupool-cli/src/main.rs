@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use gpupool::dashboard::{self, Style};
-use gpupool::telemetry::{self, SnapshotCollector};
+use gpupool::telemetry;
 
 use backend_choice::BackendName;
 use metrics_server::{CurrentManager, MetricsServer};
@@ -132,12 +132,13 @@ fn run(command: Command) -> Result<(), String> {
             format,
             metrics_addr,
         } => {
-            let snapshot = SnapshotCollector::new();
-            let _server = serve_metrics(metrics_addr, snapshot.clone())?;
-            let report = bench::run(backend).map_err(|error| error.to_string())?;
-            if let Some(stats) = &report.final_stats {
-                snapshot.publish(stats.clone());
+            // Live while the workloads run: each new manager is served as soon as it exists.
+            let current = CurrentManager::default();
+            let _server = serve_metrics(metrics_addr, current.clone())?;
+            if metrics_addr.is_some() {
+                bench::observe_managers(move |manager| current.set(manager));
             }
+            let report = bench::run(backend).map_err(|error| error.to_string())?;
             match format {
                 Format::Text => print!("{}", bench_text(&report, Style::for_stdout())),
                 Format::Json => println!(

@@ -91,7 +91,10 @@ pub fn add_peers(
             .maintenance_interval(std::time::Duration::ZERO)
             .build()?;
         let dyn_backend: Arc<dyn Backend> = backend.clone();
-        let pooled = MemoryManager::with_devices(vec![dyn_backend.clone()], config)?;
+        let pooled = super::observed(MemoryManager::with_devices(
+            vec![dyn_backend.clone()],
+            config,
+        )?);
         let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |thread, pairs| {
             hit_pairs_on(&pooled, 4096, streams[thread], pairs);
         });

@@ -148,12 +148,29 @@ pub struct ThroughputReport {
     pub pairs_per_second: f64,
 }
 
+/// Called with every manager the benchmark creates (the metrics endpoint serves the latest).
+type Observer = Box<dyn Fn(&MemoryManager) + Send + Sync>;
+static OBSERVER: std::sync::OnceLock<Observer> = std::sync::OnceLock::new();
+
+/// Shows each manager the benchmark creates to `observer`, before it is used (set once).
+pub fn observe_managers(observer: impl Fn(&MemoryManager) + Send + Sync + 'static) {
+    let _ = OBSERVER.set(Box::new(observer));
+}
+
+/// Hands a new manager to the observer, if any.
+pub(super) fn observed(manager: MemoryManager) -> MemoryManager {
+    if let Some(observer) = OBSERVER.get() {
+        observer(&manager);
+    }
+    manager
+}
+
 fn manager(backend: &Arc<dyn Backend>, pooling: bool) -> Result<MemoryManager, PoolError> {
     let config = PoolConfig::builder()
         .pooling(pooling)
         .maintenance_interval(std::time::Duration::ZERO)
         .build()?;
-    MemoryManager::with_devices(vec![backend.clone()], config)
+    MemoryManager::with_devices(vec![backend.clone()], config).map(observed)
 }
 
 /// Times `RUNS` runs of `work` on fresh managers; returns the median and the last stats.

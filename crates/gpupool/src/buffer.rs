@@ -20,7 +20,7 @@ use crate::backend::{MemoryKind, StreamId};
 use crate::class_cache::BlockRecord;
 use crate::error::PoolError;
 use crate::fence::{Fence, Pending};
-use crate::pool_manager::{Allocation, PoolManager, BYPASS};
+use crate::pool_manager::{Allocation, PoolManager, BYPASS, LARGE_BASE};
 
 #[derive(Default)]
 struct BufferGates {
@@ -113,9 +113,15 @@ impl<T> PooledBuffer<T> {
         self.stream
     }
 
-    /// Whether the request was served outside the size classes.
+    /// Whether the request went straight to the backend (above every pooled size, or with
+    /// pooling off).
     pub fn is_bypass(&self) -> bool {
         self.cache == BYPASS
+    }
+
+    /// Whether the block was split out of a large segment.
+    pub fn is_large(&self) -> bool {
+        self.cache >= LARGE_BASE && self.cache != BYPASS
     }
 
     /// The address device code uses (a `CUdeviceptr`, a Metal GPU address, a host address).

@@ -31,6 +31,8 @@ pub struct PoolConfig {
     pub(crate) pooling: bool,
     pub(crate) zero_on_reuse: bool,
     pub(crate) shards: usize,
+    pub(crate) large_threshold_bytes: Option<usize>,
+    pub(crate) max_idle_bytes_per_class: usize,
 }
 
 impl PoolConfig {
@@ -43,7 +45,8 @@ impl PoolConfig {
     pub fn classes(&self) -> &SizeClasses {
         &self.classes
     }
-    /// At most this many idle blocks are cached per class and memory kind.
+    /// At most this many idle blocks are cached per class and memory kind (more for small
+    /// classes under the byte allowance, see [`PoolConfig::idle_cap`]).
     pub fn max_idle_per_class(&self) -> usize {
         self.max_idle_per_class
     }
@@ -71,6 +74,22 @@ impl PoolConfig {
     pub fn shards(&self) -> usize {
         self.shards
     }
+    /// The idle-block cap of a class of `class_bytes`: the block cap, or as many blocks as fit
+    /// in the byte allowance, whichever is larger.
+    pub fn idle_cap(&self, class_bytes: usize) -> usize {
+        self.max_idle_per_class
+            .max(self.max_idle_bytes_per_class / class_bytes.max(1))
+    }
+
+    /// A class may keep as many idle blocks as fit in this many bytes, beyond the block cap.
+    pub fn max_idle_bytes_per_class(&self) -> usize {
+        self.max_idle_bytes_per_class
+    }
+
+    /// Requests above this many bytes are split out of large segments; `None`: classes only.
+    pub fn large_threshold_bytes(&self) -> Option<usize> {
+        self.large_threshold_bytes
+    }
 }
 
 impl Default for PoolConfig {
@@ -94,6 +113,8 @@ pub struct PoolConfigBuilder {
     pooling: bool,
     zero_on_reuse: bool,
     shards: Option<usize>,
+    large_threshold_bytes: Option<usize>,
+    max_idle_bytes_per_class: usize,
 }
 
 impl Default for PoolConfigBuilder {
@@ -109,6 +130,8 @@ impl Default for PoolConfigBuilder {
             pooling: true,
             zero_on_reuse: false,
             shards: None,
+            large_threshold_bytes: Some(1 << 20),
+            max_idle_bytes_per_class: 4 << 20,
         }
     }
 }
@@ -132,6 +155,15 @@ impl PoolConfigBuilder {
     /// Most idle blocks cached per class and kind; more are released on drop. Default 32.
     pub fn max_idle_per_class(mut self, blocks: usize) -> Self {
         self.max_idle_per_class = blocks;
+        self
+    }
+    /// A class may also keep as many idle blocks as fit in this many bytes, whichever allows
+    /// more (default 4 MiB): the seed's 32 blocks starve small classes (a 4 KiB class would
+    /// cache only 128 KiB, and a training step that frees a few hundred such buffers then pays
+    /// as many driver allocations on the next), while 4 MiB per class bounds what they hold.
+    /// 0 gives the seed's pure block cap.
+    pub fn max_idle_bytes_per_class(mut self, bytes: usize) -> Self {
+        self.max_idle_bytes_per_class = bytes;
         self
     }
     /// Idle blocks a normal trim and maintenance keep per class. Default 4.
@@ -163,6 +195,15 @@ impl PoolConfigBuilder {
     /// between 4 and 64.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
+        self
+    }
+
+    /// Requests above this many bytes are served from large segments split into best-fit
+    /// blocks (PyTorch's rule; far less memory than classes on real workloads); `None` keeps
+    /// every request in the size classes (the seed's behaviour). Default 1 MiB. Ignored on
+    /// backends with purgeable idle blocks (Metal).
+    pub fn large_threshold_bytes(mut self, threshold: Option<usize>) -> Self {
+        self.large_threshold_bytes = threshold;
         self
     }
 
@@ -201,6 +242,13 @@ impl PoolConfigBuilder {
                 .next_power_of_two()
                 .clamp(4, 64),
         };
+        if self.large_threshold_bytes == Some(0) {
+            return Err(PoolError::InvalidConfig(
+                "large_threshold_bytes of 0 would send every request to the large arena; use a \
+                 positive threshold or None"
+                    .into(),
+            ));
+        }
         Ok(PoolConfig {
             classes,
             max_idle_per_class: self.max_idle_per_class,
@@ -210,6 +258,8 @@ impl PoolConfigBuilder {
             pooling: self.pooling,
             zero_on_reuse: self.zero_on_reuse,
             shards,
+            large_threshold_bytes: self.large_threshold_bytes,
+            max_idle_bytes_per_class: self.max_idle_bytes_per_class,
         })
     }
 }

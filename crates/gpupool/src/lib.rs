@@ -9,6 +9,7 @@ mod config;
 pub mod dashboard;
 mod error;
 pub mod fence;
+mod large_pool;
 mod latency;
 mod maintenance;
 mod memory_manager;
@@ -24,4 +25,6 @@ pub use error::PoolError;
 pub use memory_manager::{AllocOptions, MemoryManager};
 pub use pool_manager::{ReleaseReport, TrimLevel};
 pub use size_class::{SizeClasses, BLOCK_ALIGN};
-pub use stats::{BypassStats, ClassStats, DeviceStats, LatencySummary, PoolStats, Totals};
+pub use stats::{
+    BypassStats, ClassStats, DeviceStats, LargeStats, LatencySummary, PoolStats, Totals,
+};

@@ -24,12 +24,15 @@ use crate::class_cache::{BlockRecord, ClassCache, GiveBack, IdleBlock};
 use crate::config::PoolConfig;
 use crate::error::PoolError;
 use crate::fence::{CompletedFence, Fence, Pending};
+use crate::large_pool::{self, LargePool};
 use crate::latency;
 use crate::size_class::BLOCK_ALIGN;
-use crate::stats::{BypassStats, ClassStats, DeviceStats, PoolStats, Totals};
+use crate::stats::{BypassStats, ClassStats, DeviceStats, LargeStats, PoolStats, Totals};
 
 /// The cache index that marks a bypass block.
 pub(crate) const BYPASS: u32 = u32::MAX;
+/// Cache indices from here (plus the kind slot) mark blocks of the large pool.
+pub(crate) const LARGE_BASE: u32 = u32::MAX - 8;
 
 /// How much a trim gives back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +83,10 @@ struct DevicePool {
     caches: Box<[ClassCache]>,
     /// The backend's `purgeable_idle_blocks`, read once.
     purgeable: bool,
+    /// One large-block arena per kind slot.
+    large: Box<[LargePool]>,
+    /// Requests above this many bytes go to `large` (`usize::MAX`: never).
+    large_threshold: usize,
     bypass: Mutex<BypassCounters>,
     committed_bytes: CachePadded<AtomicU64>,
     peak_reserved_bytes: AtomicU64,
@@ -188,14 +195,25 @@ impl PoolManager {
                 .sizes()
                 .iter()
                 .flat_map(|&class_bytes| {
-                    kinds.iter().map(move |_| {
-                        ClassCache::new(class_bytes, config.max_idle_per_class, shards)
-                    })
+                    let cap = config.idle_cap(class_bytes);
+                    kinds
+                        .iter()
+                        .map(move |_| ClassCache::new(class_bytes, cap, shards))
                 })
                 .collect();
             let marks = vec![0; caches.len()];
+            let purgeable = backend.purgeable_idle_blocks();
+            // Purgeable state belongs to a whole backend buffer (Metal), so blocks carved out of
+            // one segment cannot be purged one by one: such backends keep large requests in
+            // the classes.
+            let large_threshold = match config.large_threshold_bytes {
+                Some(threshold) if !purgeable => threshold,
+                _ => usize::MAX,
+            };
             devices.push(DevicePool {
-                purgeable: backend.purgeable_idle_blocks(),
+                purgeable,
+                large: kinds.iter().map(|_| LargePool::default()).collect(),
+                large_threshold,
                 backend,
                 kinds,
                 caches,
@@ -262,7 +280,15 @@ impl PoolManager {
         }
         let pool = self.device(device)?;
         let (kind, slot) = pool.kind_slot(kind)?;
-        let class = if self.pooling.load(Ordering::Relaxed) {
+        let pooling = self.pooling.load(Ordering::Relaxed);
+        if pooling && bytes > pool.large_threshold {
+            let result = self.allocate_large(pool, slot, bytes, kind, stream);
+            if result.is_err() {
+                pool.failed_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            return result;
+        }
+        let class = if pooling {
             self.config.classes.class_for(bytes)
         } else {
             None
@@ -418,6 +444,68 @@ impl PoolManager {
         });
     }
 
+    /// A request for the large-block arena: a best fit from its free blocks, else a new segment.
+    #[cold]
+    #[inline(never)]
+    fn allocate_large(
+        &self,
+        pool: &DevicePool,
+        slot: usize,
+        requested_bytes: usize,
+        kind: MemoryKind,
+        stream: StreamId,
+    ) -> Result<Allocation, PoolError> {
+        let too_large = || PoolError::TooLarge {
+            requested_bytes: requested_bytes as u64,
+            limit_bytes: (usize::MAX - large_pool::LARGE_ROUNDING + 1) as u64,
+        };
+        let bytes = requested_bytes
+            .checked_next_multiple_of(large_pool::LARGE_ROUNDING)
+            .ok_or_else(too_large)?;
+        let large = &pool.large[slot];
+        let cache = LARGE_BASE + slot as u32;
+        let record = match large.take(bytes, requested_bytes, stream, self.this.upgrade()) {
+            Ok(record) => record,
+            Err(owner) => {
+                // No free block of this stream fits. Its entirely free segments, too small for
+                // this request, would only strand memory beside the new segment: give them back
+                // first (other streams' segments stay: they are not stranded for their stream).
+                let stranded = large.remove_free_segments(None, Some(stream));
+                if !stranded.is_empty() {
+                    self.release_blocks(pool, stranded);
+                }
+                self.reap_deferred(pool, false);
+                let segment_bytes = large_pool::segment_bytes_for(bytes).ok_or_else(too_large)?;
+                let segment =
+                    match self.allocate_from_backend(pool, segment_bytes, requested_bytes, kind) {
+                        Ok(segment) => segment,
+                        // A shared 20 MiB segment did not fit: try one of just this block.
+                        Err(PoolError::OutOfMemory { .. } | PoolError::BudgetExceeded { .. })
+                            if segment_bytes > bytes =>
+                        {
+                            self.allocate_from_backend(pool, bytes, requested_bytes, kind)?
+                        }
+                        Err(error) => return Err(error),
+                    };
+                large.add_segment(segment, bytes, requested_bytes, stream, owner)
+            }
+        };
+        if self.config.zero_on_reuse {
+            if let Err(error) = pool.backend.zero(&record.block, stream) {
+                let error = PoolError::from_backend(
+                    pool.backend.name(),
+                    error,
+                    requested_bytes,
+                    pool.reserved_now(),
+                    None,
+                );
+                large.give_back(record, requested_bytes, Pending::on(stream), 0);
+                return Err(error);
+            }
+        }
+        Ok(Allocation { record, cache })
+    }
+
     #[cold]
     fn allocate_bypass(
         &self,
@@ -554,9 +642,19 @@ impl PoolManager {
         requested_bytes: usize,
     ) -> Option<Arc<PoolManager>> {
         let pool = &self.devices[device];
-        if cache == BYPASS {
+        if cache >= LARGE_BASE {
             let owner = record.owner.take();
-            self.give_back_bypass(pool, IdleBlock::new(record, pending, 0), requested_bytes);
+            if cache == BYPASS {
+                self.give_back_bypass(pool, IdleBlock::new(record, pending, 0), requested_bytes);
+            } else {
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                pool.large[(cache - LARGE_BASE) as usize].give_back(
+                    record,
+                    requested_bytes,
+                    pending,
+                    epoch,
+                );
+            }
             return owner;
         }
         let record = IdleBlock::new(record, pending, self.epoch.load(Ordering::Relaxed));
@@ -716,6 +814,11 @@ impl PoolManager {
             .caches
             .iter()
             .flat_map(|cache| cache.remove_idle(keep, idle_since))
+            .chain(
+                pool.large
+                    .iter()
+                    .flat_map(|large| large.remove_free_segments(idle_since, None)),
+            )
             .collect();
         self.release_blocks(pool, blocks)
     }
@@ -871,6 +974,11 @@ impl PoolManager {
             .iter()
             .map(|pool| pool.deferred.lock().unwrap_or_else(PoisonError::into_inner))
             .collect();
+        let large_guards: Vec<Vec<_>> = self
+            .devices
+            .iter()
+            .map(|pool| pool.large.iter().map(|large| large.lock()).collect())
+            .collect();
         let shard_guards: Vec<Vec<_>> = self
             .devices
             .iter()
@@ -934,6 +1042,18 @@ impl PoolManager {
                 device_totals.requested_live_bytes += row.requested_live_bytes;
                 classes.push(row);
             }
+            let mut large = LargeStats::default();
+            for state in &large_guards[device] {
+                large.accumulate(&state.counters());
+            }
+            device_totals.requests += large.requests;
+            device_totals.hits += large.hits;
+            device_totals.misses += large.misses;
+            device_totals.backend_allocations += large.backend_allocations;
+            device_totals.backend_releases += large.backend_releases;
+            device_totals.in_use_bytes += large.in_use_bytes;
+            device_totals.cached_bytes += large.free_bytes;
+            device_totals.requested_live_bytes += large.requested_live_bytes;
             let info = infos[device];
             let basis = self
                 .config
@@ -949,6 +1069,7 @@ impl PoolManager {
                 capacity_bytes: info.map(|info| info.total_bytes),
                 device_free_bytes: info.map(|info| info.free_bytes),
                 classes,
+                large,
                 bypass: BypassStats {
                     requests: bypass_counters.requests,
                     in_use_blocks: bypass_counters.in_use_blocks,
@@ -961,6 +1082,7 @@ impl PoolManager {
             });
         }
         drop(shard_guards);
+        drop(large_guards);
         drop(deferred_guards);
         drop(bypass_guards);
         totals.derive(None);
@@ -979,6 +1101,20 @@ impl Drop for PoolManager {
     fn drop(&mut self) {
         for pool in self.devices.iter() {
             self.release_everything(pool);
+            // No buffer is alive any more: segments with gated blocks go too, after a wait.
+            let segments: Vec<IdleBlock> = pool
+                .large
+                .iter()
+                .flat_map(|large| large.remove_all_segments())
+                .collect();
+            if !segments.is_empty() {
+                let _ = pool.backend.synchronize();
+                for segment in segments {
+                    let bytes = segment.block.bytes() as u64;
+                    pool.backend.release(segment.into_block());
+                    self.unreserve(pool, bytes);
+                }
+            }
         }
     }
 }

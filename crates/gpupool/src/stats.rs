@@ -51,6 +51,8 @@ pub struct DeviceStats {
     pub device_free_bytes: Option<u64>,
     /// One row per size class and kind that has seen any activity.
     pub classes: Vec<ClassStats>,
+    /// Requests served by the large-block arena (split segments).
+    pub large: LargeStats,
     /// Requests outside the pooled range or made with pooling off.
     pub bypass: BypassStats,
     /// Sums for this device.
@@ -94,6 +96,55 @@ pub struct ClassStats {
     pub hit_latency: LatencySummary,
     /// Latency of misses (every miss, backend allocation included).
     pub miss_latency: LatencySummary,
+}
+
+/// Figures of the large-block arena: segments from the backend, split into best-fit blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LargeStats {
+    /// Requests served by the arena.
+    pub requests: u64,
+    /// Served from free space in a segment.
+    pub hits: u64,
+    /// Needed a new segment.
+    pub misses: u64,
+    /// Segments allocated from the backend.
+    pub backend_allocations: u64,
+    /// Segments released to the backend.
+    pub backend_releases: u64,
+    /// Live large buffers.
+    pub in_use_blocks: u64,
+    /// Bytes of live large blocks.
+    pub in_use_bytes: u64,
+    /// Bytes the owners of live large buffers asked for.
+    pub requested_live_bytes: u64,
+    /// Free bytes inside segments (reusable, or waiting for fences).
+    pub free_bytes: u64,
+    /// Segments held.
+    pub segments: u64,
+    /// Their bytes: in use + free.
+    pub segment_bytes: u64,
+    /// Blocks split to fit a request.
+    pub splits: u64,
+    /// Freed blocks merged with a free neighbour.
+    pub merges: u64,
+}
+
+impl LargeStats {
+    pub(crate) fn accumulate(&mut self, counters: &crate::large_pool::LargeCounters) {
+        self.requests += counters.requests;
+        self.hits += counters.hits;
+        self.misses += counters.misses;
+        self.backend_allocations += counters.backend_allocations;
+        self.backend_releases += counters.backend_releases;
+        self.in_use_blocks += counters.in_use_blocks;
+        self.in_use_bytes += counters.in_use_bytes;
+        self.requested_live_bytes += counters.requested_live_bytes;
+        self.free_bytes += counters.free_bytes;
+        self.segments += counters.segments;
+        self.segment_bytes += counters.segment_bytes;
+        self.splits += counters.splits;
+        self.merges += counters.merges;
+    }
 }
 
 /// Figures of requests that bypass the classes.

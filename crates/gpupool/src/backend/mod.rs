@@ -134,6 +134,26 @@ impl Block {
     pub fn token(&self) -> u64 {
         self.token
     }
+
+    /// A block describing `bytes` bytes at `offset` inside this one, for the pool's large-block
+    /// splitting. A view carries its parent's token so the backend can zero it, and never
+    /// leaves the crate: the pool releases only whole segments, never a view. `None` if the
+    /// range does not lie inside this block.
+    pub(crate) fn view(&self, offset: usize, bytes: usize) -> Option<Block> {
+        let end = offset.checked_add(bytes)?;
+        if end > self.bytes {
+            return None;
+        }
+        Some(Block {
+            device_address: self.device_address + offset as u64,
+            host_ptr: self
+                .host_ptr
+                .and_then(|ptr| NonNull::new(ptr.as_ptr().wrapping_add(offset))),
+            bytes,
+            kind: self.kind,
+            token: self.token,
+        })
+    }
 }
 
 // SAFETY: a `Block` is an owned handle to memory that no Rust reference aliases while it sits

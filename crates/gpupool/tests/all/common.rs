@@ -22,9 +22,10 @@ pub fn sim_manager_on(
     (manager, sim)
 }
 
-/// The default configuration builder.
+/// The default configuration builder, with the seed's pure block caps (tests count blocks;
+/// the byte allowance has its own test).
 pub fn defaults() -> gpupool::PoolConfigBuilder {
-    PoolConfig::builder()
+    PoolConfig::builder().max_idle_bytes_per_class(0)
 }
 
 /// Checks the identities every snapshot must satisfy, against the simulated device's ledger.

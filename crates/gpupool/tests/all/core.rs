@@ -88,8 +88,34 @@ fn class_cap_limits_idle_blocks_and_releases_the_rest() {
 }
 
 #[test]
+fn small_classes_may_keep_idle_blocks_up_to_the_byte_allowance() {
+    let (manager, sim) = sim_manager(defaults().max_idle_bytes_per_class(1 << 20));
+    let small: Vec<_> = (0..300)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
+    let large: Vec<_> = (0..40)
+        .map(|_| manager.allocate_bytes(65536).unwrap())
+        .collect();
+    drop((small, large));
+    let stats = manager.stats();
+    // 1 MiB / 4 KiB = 256 blocks beat the block cap of 32; 1 MiB / 64 KiB = 16 do not.
+    assert_eq!(
+        stats.class(4096, MemoryKind::Device).unwrap().cached_blocks,
+        256
+    );
+    assert_eq!(
+        stats
+            .class(65536, MemoryKind::Device)
+            .unwrap()
+            .cached_blocks,
+        32
+    );
+    assert_consistent(&stats, &sim);
+}
+
+#[test]
 fn requests_above_the_largest_class_bypass_the_pool() {
-    let (manager, sim) = sim_manager(defaults());
+    let (manager, sim) = sim_manager(defaults().large_threshold_bytes(None));
     let big = manager.allocate_bytes(256 * MIB + 1).unwrap();
     assert!(big.is_bypass());
     assert_eq!(big.block_bytes(), 256 * MIB + 256);

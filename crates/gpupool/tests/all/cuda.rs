@@ -543,10 +543,12 @@ fn out_of_memory_releases_idle_blocks_and_retries() -> TestResult {
         return Ok(());
     };
     let total = backend.memory_info().expect("memory info").total_bytes;
-    // Classes in quarter steps, so 192 MiB is a class of its own; no cap that matters.
+    // Classes in quarter steps, so 192 MiB is a class of its own; no cap that matters; every
+    // request in the classes (the large arena has its own test below).
     let config = config()
         .steps_per_doubling(4)
         .max_idle_per_class(4096)
+        .large_threshold_bytes(None)
         .build()?;
     let manager = MemoryManager::with_config(backend, config)?;
     const BIG: usize = 256 * MIB;
@@ -618,6 +620,50 @@ fn out_of_memory_releases_idle_blocks_and_retries() -> TestResult {
         }) => assert!(requested_bytes >= huge),
         other => panic!("a request above the device's memory must fail, got {other:?}"),
     }
+    drop(manager);
+    drop(turn);
+    Ok(())
+}
+
+#[test]
+fn the_large_arena_gives_free_segments_back_when_the_device_is_full() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let total = backend.memory_info().expect("memory info").total_bytes as usize;
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    const BIG: usize = 256 * MIB;
+    let mut held = Vec::new();
+    for _ in 0..(total / BIG + 8) {
+        match manager.allocate_bytes(BIG) {
+            Ok(buffer) => {
+                assert!(buffer.is_large());
+                held.push(buffer);
+            }
+            Err(PoolError::OutOfMemory { .. }) => break,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    assert!(
+        held.len() > 8,
+        "only {} buffers of 256 MiB fitted",
+        held.len()
+    );
+    let count = held.len();
+    drop(held);
+    let stats = manager.stats();
+    assert_eq!(stats.devices[0].large.free_bytes, (count * BIG) as u64);
+    // 300 MiB fits no free block: the free segments go back to the driver, then it fits.
+    let bigger = manager.allocate_bytes(300 * MIB)?;
+    assert!(manager.stats().devices[0].large.backend_releases > 0);
+    // The data path through a block of the arena, at its far end.
+    let pattern: Vec<u32> = (0..4096u32)
+        .map(|index| index.wrapping_mul(2654435761))
+        .collect();
+    let end = bigger.device_address() + (300 * MIB - 4096 * 4) as u64;
+    upload(&ctx, end, &pattern, StreamId::DEFAULT)?;
+    assert_eq!(download(&ctx, end, 4096, StreamId::DEFAULT)?, pattern);
+    drop(bigger);
     drop(manager);
     drop(turn);
     Ok(())

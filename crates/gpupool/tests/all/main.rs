@@ -4,5 +4,6 @@ mod common;
 mod core;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod large;
 mod metal_like;
 mod observability;

@@ -514,7 +514,7 @@ fn bypasses_recommend_a_larger_largest_class() {
 
 #[test]
 fn rounding_waste_recommends_finer_classes() {
-    let (manager, _sim) = sim_manager(defaults());
+    let (manager, _sim) = sim_manager(defaults().large_threshold_bytes(None));
     let _held: Vec<_> = (0..3)
         .map(|_| manager.allocate_bytes(2 * MIB + 1).unwrap())
         .collect();
@@ -701,6 +701,7 @@ fn several_devices_and_kinds_render_within_the_width() {
     let config = PoolConfig::builder()
         .maintenance_interval(Duration::ZERO)
         .steps_per_doubling(4)
+        .large_threshold_bytes(None)
         .build()
         .unwrap();
     let manager = gpupool::MemoryManager::with_devices(backends, config).unwrap();

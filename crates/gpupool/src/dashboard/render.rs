@@ -17,7 +17,7 @@ use super::score::{class_efficiency, StarRating};
 use super::style::{Paint, Style};
 use crate::backend::MemoryKind;
 use crate::latency::HIT_SAMPLE_PERIOD;
-use crate::stats::{ClassStats, PoolStats};
+use crate::stats::{ratio, ClassStats, PoolStats};
 
 /// The widest line a render produces, in columns.
 pub const WIDTH: usize = 80;
@@ -254,7 +254,8 @@ pub(crate) fn latency(page: &mut Page, stats: &PoolStats) {
 pub(crate) fn breakdown(page: &mut Page, stats: &PoolStats) {
     page.section("Pool Size Breakdown");
     let bypass_requests: u64 = stats.devices.iter().map(|d| d.bypass.requests).sum();
-    if classes(stats).next().is_none() && bypass_requests == 0 {
+    let large_requests: u64 = stats.devices.iter().map(|d| d.large.requests).sum();
+    if classes(stats).next().is_none() && bypass_requests == 0 && large_requests == 0 {
         page.line("  No size class has seen a request yet.");
         return;
     }
@@ -286,6 +287,30 @@ pub(crate) fn breakdown(page: &mut Page, stats: &PoolStats) {
         ));
     }
     for device in &stats.devices {
+        let large = &device.large;
+        if large.requests == 0 && large.segments == 0 {
+            continue;
+        }
+        // The large arena: live blocks, free bytes inside its segments.
+        let label = if several_devices(stats) {
+            format!("{}:large", device.device)
+        } else {
+            "large".to_string()
+        };
+        page.line(&row(
+            &label,
+            "-",
+            &thousands(large.requests),
+            &percent(ratio(large.hits, large.hits + large.misses)),
+            [
+                &thousands(large.in_use_blocks),
+                "-",
+                &bytes(large.free_bytes),
+                "-",
+            ],
+        ));
+    }
+    for device in &stats.devices {
         if device.bypass.requests == 0 && device.bypass.in_use_blocks == 0 {
             continue;
         }
@@ -303,6 +328,9 @@ pub(crate) fn breakdown(page: &mut Page, stats: &PoolStats) {
         ));
     }
     page.line("  Live, Cached: blocks in use, idle. Bytes: cached. Score: efficiency, 0-100.");
+    if large_requests > 0 {
+        page.line("  large: blocks split out of segments (requests above the class threshold).");
+    }
 }
 
 pub(crate) fn analysis(page: &mut Page, stats: &PoolStats) {

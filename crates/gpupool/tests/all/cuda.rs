@@ -326,8 +326,10 @@ fn device_buffers_carry_data_and_are_reused() -> TestResult {
         "Device is the default kind"
     );
     let stream = backend.create_stream()?;
-    let manager = MemoryManager::with_config(backend, config().build()?)?;
-    // 4 MiB and 12 bytes: served by the 8 MiB class.
+    let manager =
+        MemoryManager::with_config(backend, config().large_threshold_bytes(None).build()?)?;
+    // 4 MiB and 12 bytes: served by the 8 MiB class (the large arena is off here; its own
+    // tests cover it).
     const WORDS: usize = (1 << 20) + 3;
     let pattern: Vec<u32> = (0..WORDS as u32)
         .map(|i| i.wrapping_mul(2_654_435_761))
@@ -452,7 +454,8 @@ fn a_block_dropped_with_queued_work_goes_to_no_other_stream_until_that_work_is_d
     };
     let a = backend.create_stream()?;
     let b = backend.create_stream()?;
-    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    let manager =
+        MemoryManager::with_config(backend, config().large_threshold_bytes(None).build()?)?;
     const BYTES: usize = 256 * MIB;
     const WORDS: usize = BYTES / 4;
     const X_VALUE: u32 = 0xAAAA_AAAA;
@@ -526,6 +529,67 @@ fn a_block_dropped_with_queued_work_goes_to_no_other_stream_until_that_work_is_d
     assert_eq!(manager.stats().totals.hits, 2);
 
     drop((fresh, probe, reused));
+    drop(manager);
+    drop(gate);
+    drop(turn);
+    Ok(())
+}
+
+#[test]
+fn a_large_arena_block_with_queued_work_goes_to_no_other_stream() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let a = backend.create_stream()?;
+    let b = backend.create_stream()?;
+    // The default configuration: 256 MiB requests are split out of the large arena.
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    const BYTES: usize = 256 * MIB;
+    const WORDS: usize = BYTES / 4;
+    const X_VALUE: u32 = 0xAAAA_AAAA;
+    const NEW_VALUE: u32 = 0x5555_5555;
+    let gate = Gate::new(&ctx)?;
+
+    let x = manager.allocate_with::<u32>(WORDS, on(a))?;
+    assert!(x.is_large());
+    let x_start = x.device_address();
+    let x_end = x_start + BYTES as u64;
+    gate.close(a)?;
+    for _ in 0..50 {
+        fill(&ctx, x_start, X_VALUE, WORDS, a)?;
+    }
+    drop(x);
+    assert!(busy(&ctx, a)?, "stream A holds queued work");
+
+    let mut fresh = Vec::new();
+    for index in 0..20 {
+        let buffer = manager.allocate_with::<u32>(WORDS, on(b))?;
+        let start = buffer.device_address();
+        assert!(
+            start + BYTES as u64 <= x_start || start >= x_end,
+            "request {index} on stream B overlaps X while A's work on X is queued"
+        );
+        fill(&ctx, start, NEW_VALUE, WORDS, b)?;
+        fresh.push(buffer);
+    }
+    synchronize(&ctx, b)?;
+    assert!(busy(&ctx, a)?, "A is still held by the gate");
+
+    // Stream A reuses X's space at once: its work runs in order.
+    let again = manager.allocate_with::<u32>(WORDS, on(a))?;
+    assert_eq!(
+        again.device_address(),
+        x_start,
+        "same-stream reuse is immediate"
+    );
+
+    gate.open();
+    synchronize(&ctx, a)?;
+    for buffer in &fresh {
+        expect_everywhere(&ctx, buffer.device_address(), WORDS, NEW_VALUE, b)?;
+    }
+    expect_everywhere(&ctx, again.device_address(), WORDS, X_VALUE, a)?;
+    drop((fresh, again));
     drop(manager);
     drop(gate);
     drop(turn);

@@ -467,15 +467,15 @@ impl PoolManager {
         let record = match large.take(bytes, requested_bytes, stream, self.this.upgrade()) {
             Ok(record) => record,
             Err(owner) => {
-                // No free block of this stream fits. Its entirely free segments, too small for
-                // this request, would only strand memory beside the new segment: give them back
-                // first (other streams' segments stay: they are not stranded for their stream).
-                let stranded = large.remove_free_segments(None, Some(stream));
+                // No free block of this stream fits: give back enough of its entirely free
+                // segments (all too small for this request) to make room for the new one.
+                // Other streams' segments stay: they are not stranded for their stream.
+                let segment_bytes = large_pool::segment_bytes_for(bytes).ok_or_else(too_large)?;
+                let stranded = large.remove_stranded(stream, segment_bytes);
                 if !stranded.is_empty() {
                     self.release_blocks(pool, stranded);
                 }
                 self.reap_deferred(pool, false);
-                let segment_bytes = large_pool::segment_bytes_for(bytes).ok_or_else(too_large)?;
                 let segment =
                     match self.allocate_from_backend(pool, segment_bytes, requested_bytes, kind) {
                         Ok(segment) => segment,
@@ -817,7 +817,7 @@ impl PoolManager {
             .chain(
                 pool.large
                     .iter()
-                    .flat_map(|large| large.remove_free_segments(idle_since, None)),
+                    .flat_map(|large| large.remove_free_segments(idle_since)),
             )
             .collect();
         self.release_blocks(pool, blocks)

@@ -36,6 +36,12 @@ pub const LARGE_ROUNDING: usize = 512;
 const SMALL_SEGMENT_BYTES: usize = 20 << 20;
 const SMALL_SEGMENT_LIMIT: usize = 10 << 20;
 const SEGMENT_ROUNDING: usize = 2 << 20;
+/// A free segment counts as stranded only after this many arena requests went by without
+/// using it (a segment freed moments ago is likely wanted again within the same training
+/// step), unless most of the arena is idle. On the H100 traces this keeps gpt2 at 1.04 and
+/// resnet50 at 1.25 peak reserved / live with few driver calls; releasing at once gives
+/// resnet50 1.07 at three times the driver calls, never releasing 1.29.
+pub const STRANDED_AFTER_REQUESTS: u64 = 200;
 
 /// The segment size that serves a block of `bytes` (already rounded).
 pub(crate) fn segment_bytes_for(bytes: usize) -> Option<usize> {
@@ -88,6 +94,8 @@ struct LargeBlock {
     next: Option<u64>,
     /// Maintenance epoch in which the block was freed.
     epoch: u64,
+    /// The arena's request count when the block was freed.
+    freed_at: u64,
 }
 
 struct Segment {
@@ -182,6 +190,7 @@ impl LargePool {
                 prev: None,
                 next: None,
                 epoch: 0,
+                freed_at: 0,
             },
         );
         state.free.insert((stream.0, segment_bytes, base));
@@ -252,9 +261,15 @@ impl LargePool {
     /// resnet50 trace three times the driver calls for a 1 % leaner peak.)
     pub fn remove_stranded(&self, stream: StreamId, need: usize) -> Vec<IdleBlock> {
         let mut state = self.lock();
+        let requests = state.counters.requests;
+        // Age does not protect segments when most of the arena sits idle.
+        let mostly_idle = state.counters.free_bytes > state.counters.in_use_bytes;
         let mut candidates: Vec<(u64, usize)> = state
             .whole_free_segments()
-            .filter(|(_, block)| block.stream == stream)
+            .filter(|(_, block)| {
+                block.stream == stream
+                    && (mostly_idle || block.freed_at + STRANDED_AFTER_REQUESTS <= requests)
+            })
             .map(|(address, block)| (address, block.bytes))
             .collect();
         candidates.sort_unstable_by_key(|&(address, bytes)| (std::cmp::Reverse(bytes), address));
@@ -353,6 +368,7 @@ impl LargeState {
                     prev: Some(address),
                     next,
                     epoch: 0,
+                    freed_at: self.counters.requests,
                 },
             );
             if let Some(next) = next {
@@ -440,6 +456,7 @@ impl LargeState {
                 prev: new_prev,
                 next: new_next,
                 epoch,
+                freed_at: self.counters.requests,
             },
         );
         if let Some(next) = new_next {

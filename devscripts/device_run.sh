@@ -13,7 +13,7 @@ devbin/gpupool bench --backend cuda --format json > "$OUT/bench_cuda.json" 2>"$O
 for trace in devbin/traces/*.csv.gz; do
   name=$(basename "$trace" .csv.gz)
   for steps in 1 4; do
-    timeout 120 devbin/gpupool replay "$trace" --backend cuda --steps-per-doubling $steps --format json > /tmp/replay.json 2>/tmp/replay.err; echo "replay $name k=$steps exit $?" | tee -a "$OUT/gpu.txt"
+    timeout 120 devbin/gpupool replay "$trace" --runs 5 --backend cuda --steps-per-doubling $steps --format json > /tmp/replay.json 2>/tmp/replay.err; echo "replay $name k=$steps exit $?" | tee -a "$OUT/gpu.txt"
     python3 -c "import json,sys; d=json.load(open('/tmp/replay.json')); print('$name', 'k=$steps', {k: d[k] for k in d if k not in ('pool_report',)})" >> "$OUT/replay_summary.txt" 2>&1 || { echo "$name k=$steps: unreadable"; tail -5 /tmp/replay.err; } >> "$OUT/replay_summary.txt"
   done
 done

@@ -28,6 +28,7 @@ use crate::backend::{Block, StreamId};
 use crate::class_cache::{BlockRecord, IdleBlock};
 use crate::fence::Pending;
 use crate::pool_manager::PoolManager;
+use crate::stats::LargeStats;
 
 /// A remainder smaller than this stays part of the block instead of being split off.
 pub const MIN_SPLIT_BYTES: usize = 1 << 20;
@@ -102,24 +103,6 @@ struct Segment {
     record: Box<BlockRecord>,
 }
 
-/// Counters of one large pool (all under its lock).
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct LargeCounters {
-    pub requests: u64,
-    pub hits: u64,
-    pub misses: u64,
-    pub backend_allocations: u64,
-    pub backend_releases: u64,
-    pub in_use_blocks: u64,
-    pub in_use_bytes: u64,
-    pub requested_live_bytes: u64,
-    pub free_bytes: u64,
-    pub segments: u64,
-    pub segment_bytes: u64,
-    pub splits: u64,
-    pub merges: u64,
-}
-
 #[derive(Default)]
 pub(crate) struct LargeState {
     blocks: AddressMap<LargeBlock>,
@@ -127,7 +110,7 @@ pub(crate) struct LargeState {
     free: BTreeSet<(u64, usize, u64)>,
     gated: Vec<(u64, Pending)>,
     segments: AddressMap<Segment>,
-    counters: LargeCounters,
+    counters: LargeStats,
 }
 
 /// The large-block arena of one device and memory kind.
@@ -302,8 +285,8 @@ impl LargePool {
 }
 
 impl LargeState {
-    pub fn counters(&self) -> LargeCounters {
-        self.counters
+    pub fn counters(&self) -> &LargeStats {
+        &self.counters
     }
 
     /// Segments whose one block is free (not gated), by address.

@@ -329,18 +329,9 @@ impl PoolManager {
         requested_bytes: usize,
         stream: StreamId,
     ) -> Result<Allocation, PoolError> {
-        if self.config.zero_on_reuse {
-            if let Err(error) = pool.backend.zero(&idle.block, stream) {
-                let error = PoolError::from_backend(
-                    pool.backend.name(),
-                    error,
-                    requested_bytes,
-                    pool.reserved_now(),
-                    None,
-                );
-                self.give_back_cached(pool, index, idle, requested_bytes);
-                return Err(error);
-            }
+        if let Err(error) = self.zero_if_asked(pool, &idle.block, requested_bytes, stream) {
+            self.give_back_cached(pool, index, idle, requested_bytes);
+            return Err(error);
         }
         Ok(Allocation {
             record: idle.record,
@@ -362,6 +353,28 @@ impl PoolManager {
         pool.caches[index].undo_hit_for_release(shard, requested_bytes);
         tracing::debug!(index, "cached block was purged by the OS; releasing it");
         self.release_blocks(pool, vec![purged]);
+    }
+
+    /// Zeroes a block about to be handed out, when `zero_on_reuse` is set.
+    fn zero_if_asked(
+        &self,
+        pool: &DevicePool,
+        block: &Block,
+        requested_bytes: usize,
+        stream: StreamId,
+    ) -> Result<(), PoolError> {
+        if !self.config.zero_on_reuse {
+            return Ok(());
+        }
+        pool.backend.zero(block, stream).map_err(|error| {
+            PoolError::from_backend(
+                pool.backend.name(),
+                error,
+                requested_bytes,
+                pool.reserved_now(),
+                None,
+            )
+        })
     }
 
     #[cold]
@@ -386,19 +399,11 @@ impl PoolManager {
         }
         self.fence_foreign_blocks(pool, cache, stream);
         let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
-        if self.config.zero_on_reuse {
-            // Drivers do not promise zeroed fresh memory, and it may be memory this pool freed.
-            if let Err(error) = pool.backend.zero(&block, stream) {
-                pool.backend.release(block);
-                self.unreserve(pool, cache.class_bytes() as u64);
-                return Err(PoolError::from_backend(
-                    pool.backend.name(),
-                    error,
-                    requested_bytes,
-                    pool.reserved_now(),
-                    None,
-                ));
-            }
+        // Drivers do not promise zeroed fresh memory, and it may be memory this pool freed.
+        if let Err(error) = self.zero_if_asked(pool, &block, requested_bytes, stream) {
+            pool.backend.release(block);
+            self.unreserve(pool, cache.class_bytes() as u64);
+            return Err(error);
         }
         cache.record_miss(shard, requested_bytes);
         cache.miss_latency.record(start.elapsed().as_nanos() as u64);
@@ -490,18 +495,9 @@ impl PoolManager {
                 large.add_segment(segment, bytes, requested_bytes, stream, owner)
             }
         };
-        if self.config.zero_on_reuse {
-            if let Err(error) = pool.backend.zero(&record.block, stream) {
-                let error = PoolError::from_backend(
-                    pool.backend.name(),
-                    error,
-                    requested_bytes,
-                    pool.reserved_now(),
-                    None,
-                );
-                large.give_back(record, requested_bytes, Pending::on(stream), 0);
-                return Err(error);
-            }
+        if let Err(error) = self.zero_if_asked(pool, &record.block, requested_bytes, stream) {
+            large.give_back(record, requested_bytes, Pending::on(stream), 0);
+            return Err(error);
         }
         Ok(Allocation { record, cache })
     }
@@ -1044,7 +1040,7 @@ impl PoolManager {
             }
             let mut large = LargeStats::default();
             for state in &large_guards[device] {
-                large.accumulate(&state.counters());
+                large.accumulate(state.counters());
             }
             device_totals.requests += large.requests;
             device_totals.hits += large.hits;

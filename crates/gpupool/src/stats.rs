@@ -130,7 +130,7 @@ pub struct LargeStats {
 }
 
 impl LargeStats {
-    pub(crate) fn accumulate(&mut self, counters: &crate::large_pool::LargeCounters) {
+    pub(crate) fn accumulate(&mut self, counters: &LargeStats) {
         self.requests += counters.requests;
         self.hits += counters.hits;
         self.misses += counters.misses;

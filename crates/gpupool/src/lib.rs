@@ -26,5 +26,5 @@ pub use memory_manager::{AllocOptions, MemoryManager};
 pub use pool_manager::{ReleaseReport, TrimLevel};
 pub use size_class::{SizeClasses, BLOCK_ALIGN};
 pub use stats::{
-    BypassStats, ClassStats, DeviceStats, LargeStats, LatencySummary, PoolStats, Totals,
+    ratio, BypassStats, ClassStats, DeviceStats, LargeStats, LatencySummary, PoolStats, Totals,
 };

@@ -17,6 +17,7 @@ mod cuda_peers;
 use std::sync::Arc;
 use std::time::Instant;
 
+use gpupool::dashboard::format::thousands;
 use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, PoolStats};
 use serde::Serialize;
 
@@ -451,18 +452,6 @@ pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
         throughput,
         final_stats: Some(mixed_stats),
     })
-}
-
-fn thousands(value: u64) -> String {
-    let digits = value.to_string();
-    let mut out = String::new();
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
 }
 
 /// The seed's tables, as text.

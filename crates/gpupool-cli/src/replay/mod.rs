@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use gpupool::dashboard::format::thousands;
 use gpupool::dashboard::PoolReport;
 use gpupool::{
-    AllocOptions, Backend, MemoryManager, PoolConfig, PoolError, PooledBuffer, StreamId,
+    ratio, AllocOptions, Backend, MemoryManager, PoolConfig, PoolError, PooledBuffer, StreamId,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -474,14 +474,6 @@ pub fn run(
         plot,
         pool_report: PoolReport::new(stats, SystemTime::now()),
     })
-}
-
-fn ratio(numerator: u64, denominator: u64) -> f64 {
-    if denominator == 0 {
-        0.0
-    } else {
-        numerator as f64 / denominator as f64
-    }
 }
 
 fn file_name(path: &Path) -> String {

@@ -18,6 +18,7 @@
 //! Blocks are kept as a stack: the most recently dropped block is reused first (warm in caches
 //! and TLBs); the oldest sit at the bottom, where trims take them from.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crossbeam_utils::CachePadded;
@@ -320,19 +321,36 @@ impl ClassCache {
         shard: usize,
         idle: IdleBlock,
         requested_bytes: usize,
-        pooling: bool,
+        pooling: &AtomicBool,
     ) -> GiveBack {
+        // `pooling` is read under the shard lock: turning pooling off and then trimming takes
+        // every shard lock, so a block is either cached before that trim (which releases it)
+        // or sees pooling off; it can never be cached after the last handle's final trim.
         {
             let mut locked = self.shard(shard);
-            if !pooling || locked.idle.len() < locked.quota {
-                return locked.admit(idle, requested_bytes, pooling, pooling);
+            let on = pooling.load(Ordering::Relaxed);
+            if !on || locked.idle.len() < locked.quota {
+                return locked.admit(idle, requested_bytes, on, on);
             }
         }
         // At this shard's quota: find more, then decide with the counters updated in one go.
         let grown = self.grow_quota(shard);
         let mut locked = self.shard(shard);
-        let room = grown && locked.idle.len() < locked.quota;
-        locked.admit(idle, requested_bytes, room, true)
+        let on = pooling.load(Ordering::Relaxed);
+        let room = on && grown && locked.idle.len() < locked.quota;
+        locked.admit(idle, requested_bytes, room, on)
+    }
+
+    /// Puts back a block that was taken for a request that then failed (zeroing it failed):
+    /// the hit is withdrawn, as if the request had never found it.
+    pub fn return_unserved(&self, shard: usize, idle: IdleBlock, requested_bytes: usize) {
+        let mut locked = self.shard(shard);
+        locked.counters.requests -= 1;
+        locked.counters.hits -= 1;
+        locked.counters.in_use_blocks -= 1;
+        locked.counters.requested_live_bytes -= requested_bytes as i64;
+        // Its quota slot is still free: taking the block did not give the slot away.
+        locked.idle.push(idle);
     }
 
     /// Caches a freshly allocated block without a request (prewarming). Returns it back if the

@@ -224,6 +224,25 @@ impl LargePool {
         }
     }
 
+    /// Takes back a block whose request then failed (zeroing it failed): the request is
+    /// withdrawn (its hit or miss uncounted; a new segment stays, counted as allocated).
+    pub fn return_unserved(
+        &self,
+        record: Box<BlockRecord>,
+        requested_bytes: usize,
+        stream: StreamId,
+        was_hit: bool,
+    ) {
+        self.give_back(record, requested_bytes, Pending::on(stream), 0);
+        let mut state = self.lock();
+        state.counters.requests -= 1;
+        if was_hit {
+            state.counters.hits -= 1;
+        } else {
+            state.counters.misses -= 1;
+        }
+    }
+
     /// Removes every entirely free segment (freed in an epoch `<= idle_since` when given),
     /// counted as released; the caller gives them to the backend.
     pub fn remove_free_segments(&self, idle_since: Option<u64>) -> Vec<IdleBlock> {

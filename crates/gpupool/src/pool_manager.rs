@@ -303,7 +303,7 @@ impl PoolManager {
                         if let Some(start) = sample_start {
                             record_hit_latency(&pool.caches[index], start);
                         }
-                        self.hand_out(pool, idle, index, bytes, stream)
+                        self.hand_out(pool, idle, index, shard, bytes, stream)
                     }
                     Some(purged) => {
                         self.drop_purged(pool, index, shard, purged, bytes);
@@ -326,11 +326,12 @@ impl PoolManager {
         pool: &DevicePool,
         idle: IdleBlock,
         index: usize,
+        counted_in: usize,
         requested_bytes: usize,
         stream: StreamId,
     ) -> Result<Allocation, PoolError> {
         if let Err(error) = self.zero_if_asked(pool, &idle.block, requested_bytes, stream) {
-            self.give_back_cached(pool, index, idle, requested_bytes);
+            pool.caches[index].return_unserved(counted_in, idle, requested_bytes);
             return Err(error);
         }
         Ok(Allocation {
@@ -393,7 +394,7 @@ impl PoolManager {
         let cache = &pool.caches[index];
         if let Some((idle, counted_in)) = cache.steal(shard, stream, requested_bytes) {
             if !pool.purgeable || pool.backend.reclaim(&idle.block) {
-                return self.hand_out(pool, idle, index, requested_bytes, stream);
+                return self.hand_out(pool, idle, index, counted_in, requested_bytes, stream);
             }
             self.drop_purged(pool, index, counted_in, idle, requested_bytes);
         }
@@ -469,9 +470,11 @@ impl PoolManager {
             .ok_or_else(too_large)?;
         let large = &pool.large[slot];
         let cache = LARGE_BASE + slot as u32;
+        let mut was_hit = true;
         let record = match large.take(bytes, requested_bytes, stream, self.this.upgrade()) {
             Ok(record) => record,
             Err(owner) => {
+                was_hit = false;
                 // No free block of this stream fits: give back enough of its entirely free
                 // segments (all too small for this request) to make room for the new one.
                 // Other streams' segments stay: they are not stranded for their stream.
@@ -496,7 +499,10 @@ impl PoolManager {
             }
         };
         if let Err(error) = self.zero_if_asked(pool, &record.block, requested_bytes, stream) {
-            large.give_back(record, requested_bytes, Pending::on(stream), 0);
+            // The caller holds a handle, so this is never the pool's last reference.
+            let mut record = record;
+            drop(record.owner.take());
+            large.return_unserved(record, requested_bytes, stream, was_hit);
             return Err(error);
         }
         Ok(Allocation { record, cache })
@@ -644,12 +650,12 @@ impl PoolManager {
                 self.give_back_bypass(pool, IdleBlock::new(record, pending, 0), requested_bytes);
             } else {
                 let epoch = self.epoch.load(Ordering::Relaxed);
-                pool.large[(cache - LARGE_BASE) as usize].give_back(
-                    record,
-                    requested_bytes,
-                    pending,
-                    epoch,
-                );
+                let large = &pool.large[(cache - LARGE_BASE) as usize];
+                large.give_back(record, requested_bytes, pending, epoch);
+                if !self.pooling.load(Ordering::Relaxed) {
+                    // Pooling off: a segment this drop left entirely free goes back now.
+                    self.release_blocks(pool, large.remove_free_segments(None));
+                }
             }
             return owner;
         }
@@ -663,7 +669,7 @@ impl PoolManager {
             thread_shard(),
             record,
             requested_bytes,
-            self.pooling.load(Ordering::Relaxed),
+            &self.pooling,
         );
         match outcome {
             GiveBack::Cached => None,
@@ -672,25 +678,6 @@ impl PoolManager {
                 self.release_blocks(pool, vec![record]);
                 owner
             }
-        }
-    }
-
-    /// Puts a block that could not be handed out back in its cache (the caller holds a handle,
-    /// so the pool outlives the call).
-    fn give_back_cached(
-        &self,
-        pool: &DevicePool,
-        index: usize,
-        record: IdleBlock,
-        requested_bytes: usize,
-    ) {
-        if let GiveBack::Release(record) = pool.caches[index].give_back(
-            thread_shard(),
-            record,
-            requested_bytes,
-            self.pooling.load(Ordering::Relaxed),
-        ) {
-            self.release_blocks(pool, vec![record]);
         }
     }
 

@@ -7,3 +7,4 @@ mod cuda;
 mod large;
 mod metal_like;
 mod observability;
+mod regressions;

@@ -140,11 +140,11 @@ fn run(command: Command) -> Result<(), String> {
             }
             let report = bench::run(backend).map_err(|error| error.to_string())?;
             match format {
-                Format::Text => print!("{}", bench_text(&report, Style::for_stdout())),
-                Format::Json => println!(
-                    "{}",
+                Format::Text => emit(&bench_text(&report, Style::for_stdout())),
+                Format::Json => emit(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&report).expect("the report serialises")
-                ),
+                )),
             }
             Ok(())
         }
@@ -173,20 +173,32 @@ fn run(command: Command) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             match format {
                 Format::Text => {
-                    print!("{}", replay::render_text(&report));
+                    emit(&replay::render_text(&report));
                     if with_dashboard {
                         let stats = &report.pool_report.stats;
-                        print!("\n{}", dashboard::render(stats, Style::for_stdout()));
+                        emit(&format!(
+                            "\n{}",
+                            dashboard::render(stats, Style::for_stdout())
+                        ));
                     }
                 }
-                Format::Json => println!(
-                    "{}",
+                Format::Json => emit(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&report).expect("the report serialises")
-                ),
+                )),
             }
             Ok(())
         }
     }
+}
+
+/// Writes to stdout; a reader that went away (`gpupool bench | head`) is not an error.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn main() -> ExitCode {

@@ -185,3 +185,84 @@ fn mixed_sizes_keep_reserved_close_to_live() {
     let ratio = stats.totals.peak_reserved_bytes as f64 / peak_live as f64;
     assert!(ratio < 1.6, "peak reserved / peak live = {ratio:.3}");
 }
+
+#[test]
+fn eight_threads_never_share_bytes_across_classes_and_the_arena() {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Barrier, Mutex};
+
+    let (manager, sim) = sim_manager_on(
+        SimConfig {
+            asynchronous: true,
+            ..SimConfig::default()
+        },
+        defaults().max_idle_bytes_per_class(1 << 20),
+    );
+    // Live ranges by start address: a new buffer must not overlap any live one.
+    let live: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (0..8u64)
+        .map(|thread| {
+            let (manager, sim, live, barrier) =
+                (manager.clone(), sim.clone(), live.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut state = thread.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                let mut held = Vec::new();
+                for step in 0..1500u64 {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let bytes = if state % 3 == 0 {
+                        (1 + state % (40 * MIB as u64)) as usize
+                    } else {
+                        (1 + state % 200_000) as usize
+                    };
+                    let options = AllocOptions {
+                        stream: StreamId(1 + (state >> 20) % 2),
+                        ..AllocOptions::default()
+                    };
+                    let mut buffer = manager.allocate_with::<u8>(bytes, options).unwrap();
+                    let start = buffer.device_address();
+                    let end = start + buffer.block_bytes() as u64;
+                    {
+                        let mut live = live.lock().unwrap();
+                        let before = live.range(..end).next_back();
+                        assert!(
+                            before.is_none_or(|(_, &other_end)| other_end <= start),
+                            "bytes {start:#x}..{end:#x} handed to two owners"
+                        );
+                        live.insert(start, end);
+                    }
+                    if step % 5 == 0 {
+                        buffer.record_stream(StreamId(3));
+                    }
+                    held.push(buffer);
+                    if held.len() > 6 || state % 4 == 0 {
+                        let buffer = held.swap_remove((state >> 33) as usize % held.len());
+                        live.lock().unwrap().remove(&buffer.device_address());
+                        drop(buffer);
+                    }
+                    if step % 100 == 0 {
+                        sim.complete_fences();
+                    }
+                }
+                for buffer in held {
+                    live.lock().unwrap().remove(&buffer.device_address());
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    sim.complete_fences();
+    manager.trim(TrimLevel::Aggressive);
+    let stats = manager.stats();
+    assert_consistent(&stats, &sim);
+    assert_eq!(stats.totals.in_use_bytes, 0);
+    drop(manager);
+    let ledger = sim.counters();
+    assert_eq!(ledger.live_allocations, 0);
+    assert_eq!(ledger.invalid_releases, 0);
+}

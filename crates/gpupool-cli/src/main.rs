@@ -58,6 +58,10 @@ enum Command {
         /// Size-class steps per doubling: 1 is the seed's powers of two, 4 wastes at most 20 %.
         #[arg(long, default_value_t = 1)]
         steps_per_doubling: usize,
+        /// The seed's rules instead of the defaults: every request in the size classes (no
+        /// large arena), 32 idle blocks per class (no byte allowance).
+        #[arg(long)]
+        seed_rules: bool,
         /// Draw requested-live, in-use and reserved bytes over the trace into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -153,6 +157,7 @@ fn run(command: Command) -> Result<(), String> {
             backend,
             format,
             steps_per_doubling,
+            seed_rules,
             plot,
             plot_every,
             dashboard: with_dashboard,
@@ -165,6 +170,7 @@ fn run(command: Command) -> Result<(), String> {
                 trace,
                 backend,
                 steps_per_doubling,
+                seed_rules,
                 plot,
                 plot_every: usize::try_from(plot_every).unwrap_or(usize::MAX),
                 runs: usize::try_from(runs).unwrap_or(usize::MAX),

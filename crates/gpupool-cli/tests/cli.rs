@@ -318,3 +318,16 @@ fn the_metrics_endpoint_binds_loopback_only() {
     assert!(!refused.status.success());
     assert!(text(&refused.stderr).contains("only binds loopback"));
 }
+
+#[test]
+fn seed_rules_keep_large_requests_out_of_the_arena() {
+    let dir = scratch("seed-rules");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let seed = replay_json(&path, &["--seed-rules"]);
+    let default = replay_json(&path, &[]);
+    // The 300 MB request bypasses the classes under the seed's rules; the arena serves it
+    // otherwise.
+    assert_eq!(seed["bypasses"], 1);
+    assert_eq!(default["bypasses"], 0);
+    assert_eq!(seed["peak_reserved_bytes"], 300_000_000 + 1024 + 8192);
+}

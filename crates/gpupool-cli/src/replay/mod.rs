@@ -63,6 +63,8 @@ pub struct ReplayOptions {
     pub backend: BackendName,
     /// Size-class steps per doubling (1: the seed's powers of two).
     pub steps_per_doubling: usize,
+    /// The seed's rules: every request in the size classes, 32 idle blocks per class.
+    pub seed_rules: bool,
     /// Where to draw the memory timeline, if anywhere.
     pub plot: Option<PathBuf>,
     /// Events between two timeline samples.
@@ -247,12 +249,17 @@ fn backend_and_streams(
 
 fn manager(
     backend: &Arc<dyn Backend>,
-    steps_per_doubling: usize,
+    options: &ReplayOptions,
 ) -> Result<MemoryManager, PoolError> {
-    let config = PoolConfig::builder()
-        .steps_per_doubling(steps_per_doubling)
-        .maintenance_interval(Duration::ZERO)
-        .build()?;
+    let mut config = PoolConfig::builder()
+        .steps_per_doubling(options.steps_per_doubling)
+        .maintenance_interval(Duration::ZERO);
+    if options.seed_rules {
+        config = config
+            .large_threshold_bytes(None)
+            .max_idle_bytes_per_class(0);
+    }
+    let config = config.build()?;
     MemoryManager::with_devices(vec![backend.clone()], config)
 }
 
@@ -392,7 +399,7 @@ pub fn run(
     let mut times = Vec::with_capacity(runs);
     let mut stats = None;
     for _ in 0..runs {
-        let timed = manager(&backend, options.steps_per_doubling)?;
+        let timed = manager(&backend, options)?;
         observe(&timed);
         let (elapsed, live) = replay_loop(&timed, &trace, &streams, &bar, &mut Unobserved)?;
         stats = Some(timed.stats());
@@ -406,7 +413,7 @@ pub fn run(
 
     let plot = match &options.plot {
         Some(path) => {
-            let sampled = manager(&backend, options.steps_per_doubling)?;
+            let sampled = manager(&backend, options)?;
             observe(&sampled);
             let mut timeline = Timeline {
                 manager: &sampled,

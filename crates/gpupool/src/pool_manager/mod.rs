@@ -1,10 +1,12 @@
-//! The layer between the front door and the class caches: routes each request to a size class
-//! and kind on its device, and owns everything that crosses classes: the budget, out-of-memory
-//! recovery, prewarming, trims, defragmentation, maintenance ticks and snapshots.
+//! The layer between the front door and the caches: routes each request to a size class and
+//! kind on its device (or, above `large_threshold_bytes`, to the large arena), and owns
+//! everything that crosses classes: the budget, out-of-memory recovery, and (in `upkeep`)
+//! deferred releases, prewarming, trims, defragmentation and maintenance ticks, and (in
+//! `snapshot`) the statistics.
 //!
 //! The hit path is `allocate` → `ClassCache::take` and `give_back` → `ClassCache::give_back`:
-//! one shard lock each way, no driver call, no clock, no global lock. Everything else
-//! (misses, bypasses, releases) is out of line.
+//! one shard lock each way, no driver call, no clock, no global lock, no reference count.
+//! Everything else (misses, the arena, bypasses, releases) is out of line.
 //!
 //! Budget accounting uses one atomic per device, `committed_bytes`, that is raised *before* a
 //! backend allocation by compare-and-swap, so concurrent misses can never take the pool over

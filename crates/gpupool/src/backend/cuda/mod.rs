@@ -92,6 +92,13 @@ pub struct CudaBackend {
     total_bytes: u64,
     token: u64,
     streams: StreamRegistry,
+    /// A 256-byte allocation held for the backend's lifetime. The driver carves small
+    /// allocations out of 2 MiB pages and unmaps a page when its last allocation is freed;
+    /// the next small `cuMemAlloc` then maps a new page: 50–150 µs instead of 2–4 µs
+    /// (measured on an H100, driver 580). Holding one allocation keeps that page mapped, so a
+    /// pool that trims, or a new manager after an old one released everything, pays the
+    /// cheap allocation. 0 if the driver refused it (nothing depends on it).
+    keep_mapped: sys::CUdeviceptr,
 }
 
 impl CudaBackend {
@@ -133,6 +140,9 @@ impl CudaBackend {
             );
             vec![MemoryKind::Device]
         };
+        // SAFETY: the context is current (bound above); `cuMemAlloc` has no other
+        // precondition, and the address is only ever freed, once, in `Drop`.
+        let keep_mapped = unsafe { result::malloc_sync(256) }.unwrap_or(0);
         Ok(CudaBackend {
             ctx,
             device_name,
@@ -140,6 +150,7 @@ impl CudaBackend {
             total_bytes,
             token: TOKEN_TAG | (NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF),
             streams: StreamRegistry::default(),
+            keep_mapped,
         })
     }
 
@@ -360,7 +371,16 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Every block is gone by now: the pool, which owns this backend, released them all.
         match self.bind() {
-            Ok(_bound) => self.streams.destroy_owned(),
+            Ok(_bound) => {
+                self.streams.destroy_owned();
+                if self.keep_mapped != 0 {
+                    // SAFETY: allocated in `new` with `cuMemAlloc` in this context, freed only
+                    // here; no work uses it.
+                    if let Err(error) = unsafe { result::free_sync(self.keep_mapped) } {
+                        tracing::warn!(error = %driver::describe(error), "cuMemFree failed");
+                    }
+                }
+            }
             Err(error) => tracing::warn!(
                 error = %driver::describe(error),
                 "could not bind the CUDA context to destroy the backend's streams"

@@ -12,19 +12,16 @@ use std::sync::Arc;
 
 use gpupool::backend::cuda::peers::{DirectAllocator, StreamOrderedPool};
 use gpupool::backend::cuda::CudaBackend;
-use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, StreamId};
+use gpupool::{Backend, PoolError, StreamId};
 
-use super::naive::NaivePool;
 use super::timing::{median_ms, pair_percentiles};
-use super::{hit_pairs_on, naive_pairs};
 use super::{
-    threaded_rate, LatencyReport, PeerLatency, PeerTime, ThroughputReport, WorkloadReport, RUNS,
-    SEED_ITERATIONS, THROUGHPUT_THREADS,
+    threaded_rate, throughput, LatencyReport, PeerLatency, PeerTime, ThroughputReport,
+    WorkloadReport, RUNS, SEED_ITERATIONS, THROUGHPUT_THREADS,
 };
 
 const DIRECT_PAIRS_PER_THREAD: usize = 2_000;
 const STREAM_POOL_PAIRS_PER_THREAD: usize = 20_000;
-const POOL_PAIRS_PER_THREAD: usize = 100_000;
 
 /// Adds the driver peers to the seed-4k workload and the latency rows, and returns the
 /// throughput of gpupool, the naive pool and both peers with 1, 4 and 16 threads.
@@ -78,40 +75,17 @@ pub fn add_peers(
         });
     }
 
-    let mut rows = Vec::new();
+    // gpupool and the naive pool as on every backend, with one CUDA stream per thread.
     let backend = Arc::new(CudaBackend::new(0)?);
     let streams: Vec<StreamId> = (0..*THROUGHPUT_THREADS.iter().max().expect("threads"))
         .map(|_| backend.create_stream())
         .collect::<Result<_, _>>()?;
+    let dyn_backend: Arc<dyn Backend> = backend;
+    let mut rows = throughput(&dyn_backend, &streams)?;
     let peer_streams: Vec<StreamId> = (0..streams.len())
         .map(|_| stream_pool.create_stream())
         .collect::<Result<_, _>>()?;
     for threads in THROUGHPUT_THREADS {
-        let config = PoolConfig::builder()
-            .maintenance_interval(std::time::Duration::ZERO)
-            .build()?;
-        let dyn_backend: Arc<dyn Backend> = backend.clone();
-        let pooled = super::observed(MemoryManager::with_devices(
-            vec![dyn_backend.clone()],
-            config,
-        )?);
-        let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |thread, pairs| {
-            hit_pairs_on(&pooled, 4096, streams[thread], pairs);
-        });
-        rows.push(ThroughputReport {
-            allocator: "gpupool".into(),
-            threads,
-            pairs_per_second: rate,
-        });
-        let naive = NaivePool::new(dyn_backend);
-        let rate = threaded_rate(threads, POOL_PAIRS_PER_THREAD, |_, pairs| {
-            naive_pairs(&naive, 4096, pairs);
-        });
-        rows.push(ThroughputReport {
-            allocator: "naive pool".into(),
-            threads,
-            pairs_per_second: rate,
-        });
         let rate = threaded_rate(threads, STREAM_POOL_PAIRS_PER_THREAD, |thread, pairs| {
             let stream = peer_streams[thread];
             for _ in 0..pairs {
@@ -138,5 +112,7 @@ pub fn add_peers(
             pairs_per_second: rate,
         });
     }
+    // Grouped by thread count, as the other backends print them.
+    rows.sort_by_key(|row| row.threads);
     Ok(rows)
 }

@@ -337,7 +337,7 @@ pub fn threaded_rate(threads: usize, pairs: usize, work: impl Fn(usize, usize) +
 }
 
 /// gpupool and the naive pool, 4 KiB pairs, with 1, 4 and 16 threads.
-fn throughput(
+pub(super) fn throughput(
     backend: &Arc<dyn Backend>,
     streams: &[gpupool::StreamId],
 ) -> Result<Vec<ThroughputReport>, PoolError> {
@@ -379,12 +379,7 @@ fn hit_pairs(manager: &MemoryManager, bytes: usize, pairs: usize) {
 
 /// `hit_pairs` on a given stream.
 #[inline(never)]
-pub(super) fn hit_pairs_on(
-    manager: &MemoryManager,
-    bytes: usize,
-    stream: gpupool::StreamId,
-    pairs: usize,
-) {
+fn hit_pairs_on(manager: &MemoryManager, bytes: usize, stream: gpupool::StreamId, pairs: usize) {
     let options = gpupool::AllocOptions {
         stream,
         ..gpupool::AllocOptions::default()
@@ -399,7 +394,7 @@ pub(super) fn hit_pairs_on(
 
 /// The naive pool's counterpart of `hit_pairs`.
 #[inline(never)]
-pub(super) fn naive_pairs(naive: &NaivePool, bytes: usize, pairs: usize) {
+fn naive_pairs(naive: &NaivePool, bytes: usize, pairs: usize) {
     for _ in 0..pairs {
         let block = naive.allocate(std::hint::black_box(bytes));
         naive.free(std::hint::black_box(block));

@@ -269,7 +269,7 @@ impl fmt::Display for Recommendation {
 }
 
 /// Every class of every device, with its device index.
-fn classes(stats: &PoolStats) -> impl Iterator<Item = (usize, &ClassStats)> {
+pub(super) fn classes(stats: &PoolStats) -> impl Iterator<Item = (usize, &ClassStats)> {
     stats.devices.iter().flat_map(|device| {
         device
             .classes

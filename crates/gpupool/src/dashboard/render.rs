@@ -12,7 +12,7 @@ use std::fmt::Write;
 
 use super::format::{bytes, class_label, display_width, finite, nanos, percent, thousands, wrap};
 use super::health::{Health, HealthAssessment};
-use super::recommendations::recommendations;
+use super::recommendations::{classes, recommendations};
 use super::score::{class_efficiency, StarRating};
 use super::style::{Paint, Style};
 use crate::backend::MemoryKind;
@@ -116,15 +116,6 @@ fn fit(text: &str, width: usize) -> String {
     }
     let kept: String = text.chars().take(width.saturating_sub(1)).collect();
     format!("{kept}…")
-}
-
-fn classes(stats: &PoolStats) -> impl Iterator<Item = (usize, &ClassStats)> {
-    stats.devices.iter().flat_map(|device| {
-        device
-            .classes
-            .iter()
-            .map(move |class| (device.device, class))
-    })
 }
 
 /// Whether rows need the device index to be told apart.

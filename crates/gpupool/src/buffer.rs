@@ -10,10 +10,18 @@
 //! memory backends promise is initialised, so reading a reused block is never undefined
 //! behaviour. Whether a new owner may see the previous owner's data is the
 //! `zero_on_reuse` setting's business.
+//!
+//! A block is handed out at once on the stream its previous owner used, in stream order: the
+//! previous owner's kernels, and the zeroing of `zero_on_reuse`, may still be queued there. The
+//! device sees them in order; the host does not. So the first host access of a buffer waits
+//! for its stream (`Backend::wait_for_stream`, a no-op on synchronous backends), once; after
+//! that, host access and the owner's own queued work are the owner's to order, as with any
+//! pinned memory.
 
 use std::fmt;
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::backend::{MemoryKind, StreamId};
@@ -48,6 +56,9 @@ pub struct PooledBuffer<T> {
     stream: StreamId,
     /// Fences and extra streams, boxed because almost no buffer has any.
     gates: Option<Box<BufferGates>>,
+    /// Whether the work queued on the stream before the hand-out is known to be done, so the
+    /// host may touch the memory (see the module documentation).
+    host_ready: AtomicBool,
     _element: PhantomData<T>,
 }
 
@@ -74,6 +85,7 @@ impl<T> PooledBuffer<T> {
             cache: allocation.cache,
             stream,
             gates: None,
+            host_ready: AtomicBool::new(false),
             _element: PhantomData,
         }
     }
@@ -129,7 +141,8 @@ impl<T> PooledBuffer<T> {
         self.record.block.device_address()
     }
 
-    /// The host pointer to the first element, for host-visible memory.
+    /// The host pointer to the first element, for host-visible memory. Unlike `as_slice`, it
+    /// does not wait for work queued on the buffer's stream: the caller orders its accesses.
     pub fn host_ptr(&self) -> Option<*mut T> {
         self.record.block.host_ptr().map(|ptr| ptr.as_ptr().cast())
     }
@@ -158,25 +171,41 @@ impl<T> PooledBuffer<T> {
 }
 
 impl<T: bytemuck::Pod> PooledBuffer<T> {
-    /// The elements, for host-visible memory.
+    /// The elements, for host-visible memory. The first host access waits for the work queued
+    /// on the buffer's stream before it was handed out (see the module documentation).
     pub fn as_slice(&self) -> Result<&[T], PoolError> {
-        let ptr = self
-            .host_ptr()
-            .ok_or(PoolError::NotHostVisible { kind: self.kind() })?;
+        let ptr = self.host_access()?;
         // SAFETY: the block is host-visible, holds at least `len × size_of::<T>()` initialised
         // bytes (backends hand out initialised host memory, see `Block::new`), is aligned to
         // `BLOCK_ALIGN` which the manager checked against `align_of::<T>()`, and is owned by
-        // this buffer alone; `T: Pod` accepts any bit pattern.
+        // this buffer alone; the pool's own queued work on it (the previous owner's, the
+        // zeroing) is finished (`host_access`); `T: Pod` accepts any bit pattern.
         Ok(unsafe { std::slice::from_raw_parts(ptr, self.len) })
     }
 
-    /// The elements, mutably, for host-visible memory.
+    /// The elements, mutably, for host-visible memory; waits as `as_slice` does.
     pub fn as_mut_slice(&mut self) -> Result<&mut [T], PoolError> {
+        let ptr = self.host_access()?;
+        // SAFETY: as in `as_slice`; `&mut self` makes the access exclusive.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, self.len) })
+    }
+
+    /// The host pointer, once the work queued before the hand-out has finished.
+    fn host_access(&self) -> Result<*mut T, PoolError> {
         let ptr = self
             .host_ptr()
             .ok_or(PoolError::NotHostVisible { kind: self.kind() })?;
-        // SAFETY: as in `as_slice`; `&mut self` makes the access exclusive.
-        Ok(unsafe { std::slice::from_raw_parts_mut(ptr, self.len) })
+        if !self.host_ready.load(Ordering::Acquire) {
+            let backend = self.pool().backend(self.device as usize);
+            backend
+                .wait_for_stream(self.stream)
+                .map_err(|error| PoolError::Backend {
+                    backend: backend.name().to_string(),
+                    message: format!("waiting for the buffer's stream before host access: {error}"),
+                })?;
+            self.host_ready.store(true, Ordering::Release);
+        }
+        Ok(ptr)
     }
 }
 

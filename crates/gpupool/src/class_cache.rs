@@ -19,16 +19,15 @@
 //! and TLBs); the oldest sit at the bottom, where trims take them from.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use crossbeam_utils::CachePadded;
-use spin::mutex::{SpinMutex, SpinMutexGuard};
-use spin::relax::Yield;
 
 use crate::backend::{Block, StreamId};
-use crate::fence::Pending;
+use crate::fence::{Fence, Pending, StreamFence};
 use crate::latency::Histogram;
 use crate::pool_manager::PoolManager;
+use crate::sync::{Mutex, ShardGuard, ShardLock};
 
 /// A block and the pool it belongs to. Boxed once, when the block comes from the backend, so
 /// cache and buffer pass one pointer back and forth and the hit path never reads the record.
@@ -123,8 +122,6 @@ pub(crate) struct Shard {
     quota: usize,
 }
 
-type ShardLock = SpinMutex<Shard, Yield>;
-
 /// Quota a shard takes from the class reserve at a time.
 const QUOTA_CHUNK: usize = 4;
 
@@ -199,7 +196,7 @@ pub(crate) enum GiveBack {
 pub(crate) struct ClassCache {
     class_bytes: usize,
     shard_mask: usize,
-    shards: Box<[CachePadded<ShardLock>]>,
+    shards: Box<[CachePadded<ShardLock<Shard>>]>,
     /// Cap quota not assigned to any shard. Lock order: this, then shards.
     reserve: Mutex<usize>,
     /// Sampled hit latencies.
@@ -217,7 +214,7 @@ impl ClassCache {
             shard_mask: shards - 1,
             shards: (0..shards)
                 .map(|_| {
-                    CachePadded::new(SpinMutex::new(Shard {
+                    CachePadded::new(ShardLock::new(Shard {
                         idle: Vec::new(),
                         counters: CacheCounters::default(),
                         quota: 0,
@@ -235,7 +232,7 @@ impl ClassCache {
     }
 
     #[inline(always)]
-    fn shard(&self, index: usize) -> SpinMutexGuard<'_, Shard, Yield> {
+    fn shard(&self, index: usize) -> ShardGuard<'_, Shard> {
         self.shards[index & self.shard_mask].lock()
     }
 
@@ -283,11 +280,42 @@ impl ClassCache {
         found > 0
     }
 
-    /// Runs `visit` on every idle block of every shard (used to attach stream fences).
-    pub fn for_each_idle(&self, mut visit: impl FnMut(&mut IdleBlock)) {
+    /// Makes blocks idle on other streams usable on `stream` once their own stream's work is
+    /// done: attaches to each a fence recorded on its stream after it was dropped, one fence per
+    /// stream. `record` records a fence on a stream now (`None`: it could not).
+    ///
+    /// The order matters (see `crate::fence`): blocks are marked with a promised fence under
+    /// their shard's lock first, and the fences are recorded only after every mark, with no
+    /// lock held. A fence recorded earlier would miss the work of blocks dropped into a shard
+    /// the walk had not reached yet; holding every shard lock across the driver calls instead
+    /// would stall every thread's hit path on this class.
+    pub fn fence_foreign_blocks(
+        &self,
+        stream: StreamId,
+        mut record: impl FnMut(StreamId) -> Option<Arc<dyn Fence>>,
+    ) {
+        let mut promises: Vec<(StreamId, Arc<StreamFence>)> = Vec::new();
         for index in 0..self.shards.len() {
             for idle in self.shard(index).idle.iter_mut() {
-                visit(idle);
+                if !idle.pending.wants_stream_fence(stream) {
+                    continue;
+                }
+                let owner = idle.pending.stream;
+                let promise = match promises.iter().find(|(on, _)| *on == owner) {
+                    Some((_, promise)) => promise.clone(),
+                    None => {
+                        let promise = StreamFence::promised();
+                        promises.push((owner, promise.clone()));
+                        promise
+                    }
+                };
+                idle.pending.set_stream_fence(promise);
+            }
+        }
+        for (owner, promise) in promises {
+            match record(owner) {
+                Some(fence) => promise.fulfil(fence),
+                None => promise.abandon(),
             }
         }
     }
@@ -341,16 +369,39 @@ impl ClassCache {
         locked.admit(idle, requested_bytes, room, on)
     }
 
-    /// Puts back a block that was taken for a request that then failed (zeroing it failed):
-    /// the hit is withdrawn, as if the request had never found it.
-    pub fn return_unserved(&self, shard: usize, idle: IdleBlock, requested_bytes: usize) {
+    /// Takes back a block that was taken for a request that then failed (zeroing it failed):
+    /// the hit is withdrawn, as if the request had never found it. The block is cached again
+    /// only if the shard still has room: while it was out, another shard may have taken this
+    /// shard's unused quota (issue 9's B2: pushing it back regardless broke the cap and made
+    /// the next quota handover underflow). Otherwise it comes back for release, counted here.
+    pub fn return_unserved(
+        &self,
+        shard: usize,
+        idle: IdleBlock,
+        requested_bytes: usize,
+    ) -> GiveBack {
         let mut locked = self.shard(shard);
         locked.counters.requests -= 1;
         locked.counters.hits -= 1;
         locked.counters.in_use_blocks -= 1;
         locked.counters.requested_live_bytes -= requested_bytes as i64;
-        // Its quota slot is still free: taking the block did not give the slot away.
-        locked.idle.push(idle);
+        if locked.idle.len() < locked.quota {
+            locked.idle.push(idle);
+            GiveBack::Cached
+        } else {
+            locked.counters.backend_releases += 1;
+            locked.counters.releases_at_cap += 1;
+            GiveBack::Release(idle)
+        }
+    }
+
+    /// Counts a block the backend allocated for this class that served no request and went
+    /// straight back (its zeroing failed, or the class was full when it was prewarmed), so
+    /// that allocations minus releases stays the number of blocks held.
+    pub fn record_unused_allocation(&self, shard: usize) {
+        let mut locked = self.shard(shard);
+        locked.counters.backend_allocations += 1;
+        locked.counters.backend_releases += 1;
     }
 
     /// Caches a freshly allocated block without a request (prewarming). Returns it back if the
@@ -414,7 +465,7 @@ impl ClassCache {
     }
 
     /// Locks every shard, in index order (the only order in which several are ever held).
-    pub fn lock_all(&self) -> Vec<SpinMutexGuard<'_, Shard, Yield>> {
+    pub fn lock_all(&self) -> Vec<ShardGuard<'_, Shard>> {
         (0..self.shards.len())
             .map(|index| self.shard(index))
             .collect()
@@ -427,5 +478,209 @@ impl ClassCache {
             total.add(&shard.counters());
         }
         total
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::backend::sim::SimBackend;
+    use crate::backend::{Backend, MemoryKind};
+    use std::sync::atomic::AtomicU64;
+
+    /// A stream whose work is numbered: fences capture how much was queued, and complete once
+    /// that much has run.
+    #[derive(Default)]
+    struct NumberedStream {
+        queued: AtomicU64,
+        finished: AtomicU64,
+    }
+
+    struct NumberedFence {
+        stream: Arc<NumberedStream>,
+        covers: u64,
+    }
+
+    impl Fence for NumberedFence {
+        fn is_complete(&self) -> bool {
+            self.stream.finished.load(Ordering::Acquire) >= self.covers
+        }
+    }
+
+    fn idle_block(sim: &SimBackend, stream: StreamId) -> IdleBlock {
+        let block = sim.allocate(256, MemoryKind::Device).unwrap();
+        IdleBlock::new(BlockRecord::boxed(block, None), Pending::on(stream), 0)
+    }
+
+    /// Issue 9's B1: the walk recorded its fence while standing at the first shard and gave the
+    /// same fence to a block dropped into a later shard after it; once the fence completed, that
+    /// block went to another stream while its own work still ran.
+    #[test]
+    fn b1_a_block_dropped_during_the_fence_walk_gets_no_older_fence() {
+        let sim = SimBackend::default();
+        let cache = ClassCache::new(256, 8, 2);
+        let pooling = AtomicBool::new(true);
+        let stream_one = Arc::new(NumberedStream::default());
+        // Block `early` on stream 1 in shard 0: its work is number 1.
+        stream_one.queued.store(1, Ordering::Release);
+        let early = idle_block(&sim, StreamId(1));
+        assert!(matches!(
+            cache.give_back(0, early, 256, &pooling),
+            GiveBack::Cached
+        ));
+        let late_address = std::cell::Cell::new(0);
+        cache.fence_foreign_blocks(StreamId(2), |owner| {
+            assert_eq!(owner, StreamId(1));
+            let fence = Arc::new(NumberedFence {
+                stream: stream_one.clone(),
+                covers: stream_one.queued.load(Ordering::Acquire),
+            });
+            // Meanwhile another thread queues work number 2 on stream 1 with block `late`
+            // and drops it into shard 1, which the walk visits after shard 0.
+            stream_one.queued.store(2, Ordering::Release);
+            let late = idle_block(&sim, StreamId(1));
+            late_address.set(late.block.device_address());
+            assert!(matches!(
+                cache.give_back(1, late, 256, &pooling),
+                GiveBack::Cached
+            ));
+            Some(fence as Arc<dyn Fence>)
+        });
+        // The GPU finishes work number 1, not number 2.
+        stream_one.finished.store(1, Ordering::Release);
+        let first = cache.take(0, StreamId(2), 256);
+        assert!(
+            first.is_some(),
+            "`early` is usable on stream 2 once work 1 is done"
+        );
+        let second = cache.take(1, StreamId(2), 256);
+        assert!(
+            second.is_none(),
+            "block {:#x} went to stream 2 while its work on stream 1 still ran",
+            late_address.get()
+        );
+        // Its own stream may reuse it at once, in stream order.
+        assert!(cache.take(1, StreamId(1), 256).is_some());
+    }
+
+    /// Issue 9's B2: a block whose hit failed (zeroing) went back into its shard even after
+    /// another shard took that shard's unused quota; the cap broke and the next quota handover
+    /// underflowed (a panic inside `Drop` in debug builds).
+    #[test]
+    fn b2_a_failed_hit_respects_the_cap_when_its_quota_was_taken() {
+        let sim = SimBackend::default();
+        let cap = 4;
+        let cache = ClassCache::new(256, cap, 2);
+        let pooling = AtomicBool::new(true);
+        // Shard 0 fills the whole cap.
+        for _ in 0..cap {
+            let idle = idle_block(&sim, StreamId(0));
+            assert!(matches!(
+                cache.give_back(0, idle, 256, &pooling),
+                GiveBack::Cached
+            ));
+        }
+        // A hit takes one block; its zeroing will fail.
+        let taken = cache.take(0, StreamId(0), 256).expect("a hit");
+        // Meanwhile shard 1 takes shard 0's unused quota for a block of its own.
+        let other = idle_block(&sim, StreamId(0));
+        assert!(matches!(
+            cache.give_back(1, other, 256, &pooling),
+            GiveBack::Cached
+        ));
+        // The failed hit comes back: no room is left, so it must be released.
+        let outcome = cache.return_unserved(0, taken, 256);
+        assert!(
+            matches!(outcome, GiveBack::Release(_)),
+            "the block was cached above the cap"
+        );
+        let cached: usize = cache.lock_all().iter().map(|shard| shard.idle.len()).sum();
+        assert_eq!(cached, cap, "the cap holds");
+        // The next quota handover must not underflow.
+        let again = idle_block(&sim, StreamId(0));
+        let _ = cache.give_back(1, again, 256, &pooling);
+        assert!(cache.free_slots() <= cap);
+        let counters = cache.counters();
+        assert_eq!(counters.requests, 0, "the failed hit is withdrawn");
+    }
+}
+
+/// Loom models of the cache shards (`RUSTFLAGS="--cfg loom" cargo test -p gpupool --lib loom`).
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use crate::backend::sim::SimBackend;
+    use crate::backend::{Backend, MemoryKind};
+    use loom::sync::atomic::AtomicU64;
+
+    struct NumberedFence {
+        finished: Arc<AtomicU64>,
+        covers: u64,
+    }
+
+    impl Fence for NumberedFence {
+        fn is_complete(&self) -> bool {
+            self.finished.load(Ordering::Acquire) >= self.covers
+        }
+    }
+
+    /// The fence walk of a miss on stream 2 races a thread that queues work on stream 1 and
+    /// drops its block into another shard. In every interleaving, once the GPU has finished
+    /// exactly what the recorded fence covers, the dropped block is usable on stream 2 only
+    /// if its work is part of that.
+    #[test]
+    fn loom_fence_walk_never_covers_a_block_with_an_older_fence() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let sim = SimBackend::default();
+            let cache = Arc::new(ClassCache::new(256, 4, 2));
+            let queued = Arc::new(AtomicU64::new(1));
+            let finished = Arc::new(AtomicU64::new(0));
+            let pooling = Arc::new(AtomicBool::new(true));
+            let early = IdleBlock::new(
+                BlockRecord::boxed(sim.allocate(256, MemoryKind::Device).unwrap(), None),
+                Pending::on(StreamId(1)),
+                0,
+            );
+            let _ = cache.give_back(0, early, 256, &pooling);
+            let late = IdleBlock::new(
+                BlockRecord::boxed(sim.allocate(256, MemoryKind::Device).unwrap(), None),
+                Pending::on(StreamId(1)),
+                0,
+            );
+            let late_address = late.block.device_address();
+            let dropper = {
+                let (cache, queued, pooling) = (cache.clone(), queued.clone(), pooling.clone());
+                loom::thread::spawn(move || {
+                    // Work number 2 on stream 1 uses `late`; then `late` is dropped.
+                    let ticket = queued.fetch_add(1, Ordering::AcqRel) + 1;
+                    let _ = cache.give_back(1, late, 256, &pooling);
+                    ticket
+                })
+            };
+            let covered = Arc::new(AtomicU64::new(0));
+            cache.fence_foreign_blocks(StreamId(2), |_| {
+                let covers = queued.load(Ordering::Acquire);
+                covered.store(covers, Ordering::Release);
+                Some(Arc::new(NumberedFence {
+                    finished: finished.clone(),
+                    covers,
+                }) as Arc<dyn Fence>)
+            });
+            let late_ticket = dropper.join().unwrap();
+            // The GPU finishes exactly what the fence covers.
+            finished.store(covered.load(Ordering::Acquire), Ordering::Release);
+            for shard in 0..2 {
+                while let Some(idle) = cache.take(shard, StreamId(2), 256) {
+                    if idle.block.device_address() == late_address {
+                        assert!(
+                            late_ticket <= finished.load(Ordering::Acquire),
+                            "the dropped block went to stream 2 before its work finished"
+                        );
+                    }
+                }
+            }
+        });
     }
 }

@@ -14,12 +14,23 @@
 //!   at every drop: a fence recorded later covers more work, so it is just as safe, and the hit
 //!   path never calls the driver.
 //!
+//! "After the drop" is the whole difficulty of the lazy fence. The miss walks the cache shards
+//! one lock at a time, and other threads keep dropping blocks into shards meanwhile; a fence
+//! recorded while the walk stood at shard 0 does not cover the work of a block dropped into
+//! shard 3 a moment later (that was issue 9's B1: blocks went to another stream while their
+//! kernels still ran). So the walk first *marks* the blocks it wants fenced, each under its
+//! shard's lock, by attaching a [`StreamFence`] that is only promised; then, with no lock held,
+//! it records one real fence per stream and fulfils the promises. Every marked block was dropped
+//! before its shard was locked for marking, hence before the fence was recorded; a block dropped
+//! later carries no mark and waits for the next walk.
+//!
 //! Fences are only queried, never waited on, on the allocation path.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
 use crate::backend::StreamId;
+use crate::sync::Mutex;
 
 /// A point in queued GPU work that completes once everything before it has run.
 pub trait Fence: Send + Sync {
@@ -34,6 +45,71 @@ pub struct CompletedFence;
 impl Fence for CompletedFence {
     fn is_complete(&self) -> bool {
         true
+    }
+}
+
+/// A fence on a block's own stream, recorded after the block was dropped, that lets any stream
+/// reuse the block once complete. It may be *promised* (attached to blocks under their shard
+/// lock) before it is recorded (see the module documentation); until it is fulfilled it counts
+/// as incomplete. A promise the backend could not keep (recording failed) is *abandoned*: the
+/// block then counts as unfenced, and a later walk or release fences it again.
+pub(crate) struct StreamFence {
+    state: Mutex<Promise>,
+}
+
+enum Promise {
+    Pending,
+    Recorded(Arc<dyn Fence>),
+    Abandoned,
+}
+
+impl StreamFence {
+    /// A fence to be recorded later, by [`StreamFence::fulfil`] or [`StreamFence::abandon`].
+    pub fn promised() -> Arc<StreamFence> {
+        Arc::new(StreamFence {
+            state: Mutex::new(Promise::Pending),
+        })
+    }
+
+    /// A fence recorded already.
+    pub fn recorded(fence: Arc<dyn Fence>) -> Arc<StreamFence> {
+        Arc::new(StreamFence {
+            state: Mutex::new(Promise::Recorded(fence)),
+        })
+    }
+
+    /// A fence for a block no GPU work ever touched (prewarmed): complete from the start.
+    pub fn completed() -> Arc<StreamFence> {
+        StreamFence::recorded(Arc::new(CompletedFence))
+    }
+
+    fn state(&self) -> crate::sync::MutexGuard<'_, Promise> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps the promise with a fence recorded now.
+    pub fn fulfil(&self, fence: Arc<dyn Fence>) {
+        *self.state() = Promise::Recorded(fence);
+    }
+
+    /// Gives the promise up: the blocks holding it count as unfenced again.
+    pub fn abandon(&self) {
+        *self.state() = Promise::Abandoned;
+    }
+
+    /// Whether the fence was recorded and its work has finished.
+    pub fn is_complete(&self) -> bool {
+        match &*self.state() {
+            Promise::Recorded(fence) => fence.is_complete(),
+            Promise::Pending | Promise::Abandoned => false,
+        }
+    }
+
+    /// Whether the promise was given up.
+    pub fn is_abandoned(&self) -> bool {
+        matches!(*self.state(), Promise::Abandoned)
     }
 }
 
@@ -54,9 +130,9 @@ pub(crate) struct Pending {
 pub(crate) struct Gates {
     /// Fences of work (on any stream) that may still use the block.
     pub fences: Vec<Arc<dyn Fence>>,
-    /// A fence recorded on the block's stream after the drop; once complete, any stream may
-    /// reuse the block.
-    pub stream_fence: Option<Arc<dyn Fence>>,
+    /// A fence recorded (or promised) on the block's stream after the drop; once complete, any
+    /// stream may reuse the block.
+    pub stream_fence: Option<Arc<StreamFence>>,
 }
 
 impl Pending {
@@ -115,11 +191,14 @@ impl Pending {
         }
     }
 
-    /// Whether a fence recorded on the block's stream is attached.
+    /// Whether a fence recorded (or promised) on the block's stream is attached.
     pub fn has_stream_fence(&self) -> bool {
-        self.gates
-            .as_ref()
-            .is_some_and(|gates| gates.stream_fence.is_some())
+        self.gates.as_ref().is_some_and(|gates| {
+            gates
+                .stream_fence
+                .as_ref()
+                .is_some_and(|fence| !fence.is_abandoned())
+        })
     }
 
     /// Forgets every fence (after the device was synchronised).
@@ -129,15 +208,11 @@ impl Pending {
 
     /// Whether a cross-stream fence should be recorded for this block.
     pub fn wants_stream_fence(&self, stream: StreamId) -> bool {
-        self.stream != stream
-            && self
-                .gates
-                .as_ref()
-                .is_none_or(|gates| gates.stream_fence.is_none())
+        self.stream != stream && !self.has_stream_fence()
     }
 
-    /// Attaches the cross-stream fence.
-    pub fn set_stream_fence(&mut self, fence: Arc<dyn Fence>) {
+    /// Attaches the cross-stream fence (recorded or promised).
+    pub fn set_stream_fence(&mut self, fence: Arc<StreamFence>) {
         self.gates.get_or_insert_with(Box::default).stream_fence = Some(fence);
     }
 }
@@ -162,10 +237,29 @@ mod tests {
         assert!(pending.usable_on(StreamId(7)));
         assert!(!pending.usable_on(StreamId(8)));
         let fence = Arc::new(ManualFence::default());
-        pending.set_stream_fence(fence.clone());
+        pending.set_stream_fence(StreamFence::recorded(fence.clone()));
         assert!(!pending.usable_on(StreamId(8)));
         fence.0.store(true, Ordering::Release);
         assert!(pending.usable_on(StreamId(8)));
+    }
+
+    #[test]
+    fn a_promised_fence_holds_blocks_back_until_recorded_and_an_abandoned_one_is_redone() {
+        let mut pending = Pending::on(StreamId(1));
+        let promise = StreamFence::promised();
+        pending.set_stream_fence(promise.clone());
+        assert!(!pending.wants_stream_fence(StreamId(2)), "already promised");
+        assert!(!pending.usable_on(StreamId(2)), "not recorded yet");
+        promise.abandon();
+        assert!(
+            pending.wants_stream_fence(StreamId(2)),
+            "abandoned: fence again"
+        );
+        assert!(!pending.usable_on(StreamId(2)));
+        let kept = StreamFence::promised();
+        pending.set_stream_fence(kept.clone());
+        kept.fulfil(Arc::new(CompletedFence));
+        assert!(pending.usable_on(StreamId(2)));
     }
 
     #[test]
@@ -185,7 +279,7 @@ mod tests {
     fn idleness_needs_a_completed_stream_fence() {
         let mut on_stream = Pending::on(StreamId(3));
         assert!(!on_stream.is_idle());
-        on_stream.set_stream_fence(Arc::new(CompletedFence));
+        on_stream.set_stream_fence(StreamFence::completed());
         assert!(on_stream.is_idle());
     }
 }

@@ -44,6 +44,11 @@ const SEGMENT_ROUNDING: usize = 2 << 20;
 /// resnet50 1.07 at three times the driver calls, never releasing 1.29.
 pub const STRANDED_AFTER_REQUESTS: u64 = 200;
 
+/// The block size that serves a request of `requested_bytes`.
+pub(crate) fn block_bytes_for(requested_bytes: usize) -> Option<usize> {
+    requested_bytes.checked_next_multiple_of(LARGE_ROUNDING)
+}
+
 /// The segment size that serves a block of `bytes` (already rounded).
 pub(crate) fn segment_bytes_for(bytes: usize) -> Option<usize> {
     if bytes < SMALL_SEGMENT_LIMIT {
@@ -184,6 +189,42 @@ impl LargePool {
             },
         );
         state.hand_out(base, bytes, requested_bytes, owner)
+    }
+
+    /// Adds a fresh segment that served no request yet (prewarming): all of it free on
+    /// `stream`, counted as a backend allocation.
+    pub fn add_free_segment(&self, segment: Block, stream: StreamId, epoch: u64) {
+        let base = segment.device_address();
+        let segment_bytes = segment.bytes();
+        let mut state = self.lock();
+        let requests = state.counters.requests;
+        let counters = &mut state.counters;
+        counters.backend_allocations += 1;
+        counters.prewarmed_segments += 1;
+        counters.segments += 1;
+        counters.segment_bytes += segment_bytes as u64;
+        counters.free_bytes += segment_bytes as u64;
+        state.blocks.insert(
+            base,
+            LargeBlock {
+                record: None,
+                segment: base,
+                bytes: segment_bytes,
+                state: State::Free,
+                stream,
+                prev: None,
+                next: None,
+                epoch,
+                freed_at: requests,
+            },
+        );
+        state.free.insert((stream.0, segment_bytes, base));
+        state.segments.insert(
+            base,
+            Segment {
+                record: BlockRecord::boxed(segment, None),
+            },
+        );
     }
 
     /// Takes a block back; it becomes reusable on its stream (or waits for its fences).

@@ -16,6 +16,7 @@ mod memory_manager;
 mod pool_manager;
 mod size_class;
 mod stats;
+mod sync;
 pub mod telemetry;
 
 pub use backend::{Backend, Block, MemoryKind, StreamId};

@@ -162,14 +162,27 @@ impl MemoryManager {
         self.pool().pooling()
     }
 
-    /// Pre-allocates up to `count` idle blocks of the class that serves `bytes` on device 0
-    /// (the seed's `PreAllocatePoolAsync`), within the class cap and the budget. Returns how
-    /// many blocks were added.
+    /// Pre-allocates room for `count` requests of `bytes` bytes on device 0 (the seed's
+    /// `PreAllocatePoolAsync`), so they need no backend call: up to `count` idle blocks of the
+    /// class that serves `bytes`, within the class cap and the budget, or, for sizes the large
+    /// arena serves (above `large_threshold_bytes`), one free segment that holds `count` of
+    /// them. Returns how many requests the prewarmed memory serves.
+    ///
+    /// ```
+    /// use gpupool::{backend::host::HostBackend, MemoryManager};
+    /// let manager = MemoryManager::new(HostBackend::new());
+    /// assert_eq!(manager.prewarm(2 << 20, 4)?, 4); // 2 MiB: the large arena
+    /// let buffers: Vec<_> = (0..4).map(|_| manager.allocate_bytes(2 << 20)).collect::<Result<_, _>>()?;
+    /// assert_eq!(manager.stats().totals.backend_allocations, 1, "all four from the prewarmed segment");
+    /// # drop(buffers);
+    /// # Ok::<(), gpupool::PoolError>(())
+    /// ```
     pub fn prewarm(&self, bytes: usize, count: usize) -> Result<usize, PoolError> {
         self.prewarm_with(bytes, count, AllocOptions::default())
     }
 
-    /// `prewarm` for a given device and kind.
+    /// `prewarm` for a given device, kind and (for the large arena, whose free space belongs
+    /// to a stream) stream.
     pub fn prewarm_with(
         &self,
         bytes: usize,
@@ -177,7 +190,7 @@ impl MemoryManager {
         options: AllocOptions,
     ) -> Result<usize, PoolError> {
         self.pool()
-            .prewarm(options.device, bytes, count, options.kind)
+            .prewarm(options.device, bytes, count, options.kind, options.stream)
     }
 
     /// Releases idle blocks: down to the per-class minimum, or all of them.

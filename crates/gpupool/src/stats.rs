@@ -127,6 +127,9 @@ pub struct LargeStats {
     pub splits: u64,
     /// Freed blocks merged with a free neighbour.
     pub merges: u64,
+    /// Segments allocated by `prewarm`, before any request.
+    #[serde(default)]
+    pub prewarmed_segments: u64,
 }
 
 impl LargeStats {
@@ -144,6 +147,7 @@ impl LargeStats {
         self.segment_bytes += counters.segment_bytes;
         self.splits += counters.splits;
         self.merges += counters.merges;
+        self.prewarmed_segments += counters.prewarmed_segments;
     }
 }
 

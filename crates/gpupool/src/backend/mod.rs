@@ -232,6 +232,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Waits until the work queued on `stream` so far has finished. The pool calls it before a
+    /// buffer's first host access (`as_slice`, `as_mut_slice`), because the block's previous
+    /// owner's work on that stream and its zeroing (queued in stream order) may still be
+    /// pending, and the host would race them. Synchronous backends have nothing to wait for.
+    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Whether idle blocks may be handed to the OS while cached (Metal purgeable state). When
     /// true, the pool calls [`Backend::make_purgeable`] before a block enters a cache and
     /// [`Backend::reclaim`] when it leaves one.

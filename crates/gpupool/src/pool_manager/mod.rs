@@ -25,7 +25,7 @@ use crate::backend::{Backend, BackendError, Block, MemoryKind, StreamId};
 use crate::class_cache::{BlockRecord, ClassCache, GiveBack, IdleBlock};
 use crate::config::PoolConfig;
 use crate::error::PoolError;
-use crate::fence::{CompletedFence, Fence, Pending};
+use crate::fence::{CompletedFence, Pending};
 use crate::large_pool::{self, LargePool};
 use crate::latency;
 use crate::size_class::BLOCK_ALIGN;
@@ -92,6 +92,10 @@ struct DevicePool {
     large_threshold: usize,
     bypass: Mutex<BypassCounters>,
     committed_bytes: CachePadded<AtomicU64>,
+    /// Bytes the backend really handed over and the pool has not released yet: what
+    /// `peak_reserved_bytes` follows. (`committed_bytes` also counts allocations in flight,
+    /// and a refused one must not leave a peak behind.)
+    held_bytes: AtomicU64,
     peak_reserved_bytes: AtomicU64,
     failed_requests: AtomicU64,
     /// Requests per cache at the previous `defragment`.
@@ -222,6 +226,7 @@ impl PoolManager {
                 caches,
                 bypass: Mutex::new(BypassCounters::default()),
                 committed_bytes: CachePadded::new(AtomicU64::new(0)),
+                held_bytes: AtomicU64::new(0),
                 peak_reserved_bytes: AtomicU64::new(0),
                 failed_requests: AtomicU64::new(0),
                 defragment_marks: Mutex::new(marks),
@@ -334,13 +339,33 @@ impl PoolManager {
         stream: StreamId,
     ) -> Result<Allocation, PoolError> {
         if let Err(error) = self.zero_if_asked(pool, &idle.block, requested_bytes, stream) {
-            pool.caches[index].return_unserved(counted_in, idle, requested_bytes);
+            self.return_unserved(pool, index, counted_in, idle, requested_bytes);
             return Err(error);
         }
         Ok(Allocation {
             record: idle.record,
             cache: index as u32,
         })
+    }
+
+    /// Puts a block back whose request failed after it was taken; releases it if its shard
+    /// has no room left.
+    #[cold]
+    fn return_unserved(
+        &self,
+        pool: &DevicePool,
+        index: usize,
+        shard: usize,
+        idle: IdleBlock,
+        requested_bytes: usize,
+    ) {
+        if let GiveBack::Release(mut idle) =
+            pool.caches[index].return_unserved(shard, idle, requested_bytes)
+        {
+            // The caller holds a handle, so this is never the pool's last reference.
+            drop(idle.owner.take());
+            self.release_blocks(pool, vec![idle]);
+        }
     }
 
     /// A cached block whose contents the OS discarded: undo the hit, release it, and let the
@@ -405,8 +430,8 @@ impl PoolManager {
         let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
         // Drivers do not promise zeroed fresh memory, and it may be memory this pool freed.
         if let Err(error) = self.zero_if_asked(pool, &block, requested_bytes, stream) {
-            pool.backend.release(block);
-            self.unreserve(pool, cache.class_bytes() as u64);
+            self.release_to_backend(pool, block);
+            cache.record_unused_allocation(shard);
             return Err(error);
         }
         cache.record_miss(shard, requested_bytes);
@@ -423,33 +448,15 @@ impl PoolManager {
     }
 
     /// Blocks idle on other streams become usable on this one once a fence recorded on their
-    /// stream completes; record one fence per stream now so later requests can reuse them.
+    /// stream completes; record those fences now so later requests can reuse them.
     fn fence_foreign_blocks(&self, pool: &DevicePool, cache: &ClassCache, stream: StreamId) {
-        let mut recorded: Vec<(StreamId, Arc<dyn Fence>)> = Vec::new();
-        cache.for_each_idle(|idle| {
-            if !idle.pending.wants_stream_fence(stream) {
-                return;
+        cache.fence_foreign_blocks(stream, |owner| match pool.backend.record_fence(owner) {
+            Ok(Some(fence)) => Some(fence),
+            Ok(None) => Some(Arc::new(CompletedFence)),
+            Err(error) => {
+                tracing::warn!(?error, "could not record a stream fence");
+                None
             }
-            let owner = idle.pending.stream;
-            let fence = match recorded
-                .iter()
-                .find(|(recorded_on, _)| *recorded_on == owner)
-            {
-                Some((_, fence)) => fence.clone(),
-                None => {
-                    let fence: Arc<dyn Fence> = match pool.backend.record_fence(owner) {
-                        Ok(Some(fence)) => fence,
-                        Ok(None) => Arc::new(CompletedFence),
-                        Err(error) => {
-                            tracing::warn!(?error, "could not record a stream fence");
-                            return;
-                        }
-                    };
-                    recorded.push((owner, fence.clone()));
-                    fence
-                }
-            };
-            idle.pending.set_stream_fence(fence);
         });
     }
 
@@ -468,9 +475,7 @@ impl PoolManager {
             requested_bytes: requested_bytes as u64,
             limit_bytes: (usize::MAX - large_pool::LARGE_ROUNDING + 1) as u64,
         };
-        let bytes = requested_bytes
-            .checked_next_multiple_of(large_pool::LARGE_ROUNDING)
-            .ok_or_else(too_large)?;
+        let bytes = large_pool::block_bytes_for(requested_bytes).ok_or_else(too_large)?;
         let large = &pool.large[slot];
         let cache = LARGE_BASE + slot as u32;
         let mut was_hit = true;
@@ -548,7 +553,7 @@ impl PoolManager {
         kind: MemoryKind,
     ) -> Result<Block, PoolError> {
         self.reserve(pool, block_bytes)?;
-        let first = pool.backend.allocate(block_bytes, kind);
+        let first = self.backend_allocate(pool, block_bytes, kind);
         let outcome = match first {
             Err(BackendError::OutOfMemory) => {
                 let released = self.release_everything(pool);
@@ -558,23 +563,28 @@ impl PoolManager {
                     released_bytes = released.bytes,
                     "device out of memory: released idle blocks, retrying once"
                 );
-                pool.backend.allocate(block_bytes, kind)
+                self.backend_allocate(pool, block_bytes, kind)
             }
             other => other,
         };
         outcome.map_err(|error| {
             self.unreserve(pool, block_bytes as u64);
-            let device_free = pool.backend.memory_info().map(|info| info.free_bytes);
-            let error = PoolError::from_backend(
-                pool.backend.name(),
-                error,
-                block_bytes.max(requested_bytes),
-                pool.reserved_now(),
-                device_free,
-            );
+            let error = self.allocation_error(pool, error, block_bytes.max(requested_bytes));
             tracing::warn!(%error, "allocation failed");
             error
         })
+    }
+
+    /// The user-facing error of a failed backend allocation of `bytes`, with the numbers.
+    fn allocation_error(&self, pool: &DevicePool, error: BackendError, bytes: usize) -> PoolError {
+        let device_free = pool.backend.memory_info().map(|info| info.free_bytes);
+        PoolError::from_backend(
+            pool.backend.name(),
+            error,
+            bytes,
+            pool.reserved_now(),
+            device_free,
+        )
     }
 
     /// Raises `committed_bytes` by `bytes` unless that would pass the budget; on refusal,
@@ -602,36 +612,55 @@ impl PoolManager {
 
     fn try_reserve(&self, pool: &DevicePool, bytes: u64) -> bool {
         let committed = &pool.committed_bytes;
-        let new_total = match self.config.budget_bytes {
-            None => committed.fetch_add(bytes, Ordering::Relaxed) + bytes,
-            Some(budget) => {
-                let mut current = committed.load(Ordering::Relaxed);
-                loop {
-                    let Some(wanted) = current.checked_add(bytes).filter(|&total| total <= budget)
-                    else {
-                        return false;
-                    };
-                    match committed.compare_exchange_weak(
-                        current,
-                        wanted,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    ) {
-                        Ok(_) => break wanted,
-                        Err(actual) => current = actual,
-                    }
-                }
-            }
+        let Some(budget) = self.config.budget_bytes else {
+            committed.fetch_add(bytes, Ordering::Relaxed);
+            return true;
         };
-        if new_total > pool.peak_reserved_bytes.load(Ordering::Relaxed) {
-            pool.peak_reserved_bytes
-                .fetch_max(new_total, Ordering::Relaxed);
+        let mut current = committed.load(Ordering::Relaxed);
+        loop {
+            let Some(wanted) = current.checked_add(bytes).filter(|&total| total <= budget) else {
+                return false;
+            };
+            match committed.compare_exchange_weak(
+                current,
+                wanted,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
         }
-        true
     }
 
     fn unreserve(&self, pool: &DevicePool, bytes: u64) {
         pool.committed_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// One backend allocation of bytes already reserved; the peak follows what the backend
+    /// really handed over, so a refused request leaves no peak behind (issue 9's B4).
+    fn backend_allocate(
+        &self,
+        pool: &DevicePool,
+        bytes: usize,
+        kind: MemoryKind,
+    ) -> Result<Block, BackendError> {
+        let block = pool.backend.allocate(bytes, kind)?;
+        let held = pool
+            .held_bytes
+            .fetch_add(block.bytes() as u64, Ordering::Relaxed)
+            + block.bytes() as u64;
+        pool.peak_reserved_bytes.fetch_max(held, Ordering::Relaxed);
+        Ok(block)
+    }
+
+    /// Gives a block back to the backend and its bytes back to the budget: the one place
+    /// where both happen, so they cannot come apart.
+    fn release_to_backend(&self, pool: &DevicePool, block: Block) {
+        let bytes = block.bytes() as u64;
+        pool.backend.release(block);
+        pool.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.unreserve(pool, bytes);
     }
 
     /// Takes a block back from a dropped buffer (its pending state already filled in). If the
@@ -711,9 +740,7 @@ impl Drop for PoolManager {
             if !segments.is_empty() {
                 let _ = pool.backend.synchronize();
                 for segment in segments {
-                    let bytes = segment.block.bytes() as u64;
-                    pool.backend.release(segment.into_block());
-                    self.unreserve(pool, bytes);
+                    self.release_to_backend(pool, segment.into_block());
                 }
             }
         }

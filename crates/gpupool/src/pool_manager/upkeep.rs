@@ -9,7 +9,8 @@ use super::{thread_shard, DevicePool, PoolManager, ReleaseReport, TrimLevel};
 use crate::backend::{MemoryKind, StreamId};
 use crate::class_cache::{BlockRecord, IdleBlock};
 use crate::error::PoolError;
-use crate::fence::{CompletedFence, Fence, Pending};
+use crate::fence::{CompletedFence, Fence, Pending, StreamFence};
+use crate::large_pool;
 
 impl PoolManager {
     /// Gives blocks (already uncounted from the caches) back to the backend. A block that GPU
@@ -47,13 +48,14 @@ impl PoolManager {
                     },
                 };
                 match fence {
-                    Some(fence) => record.pending.set_stream_fence(fence),
+                    Some(fence) => record
+                        .pending
+                        .set_stream_fence(StreamFence::recorded(fence)),
                     None => record.pending.clear_gates(),
                 }
             }
             if record.pending.gates.is_none() || record.pending.is_idle() {
-                pool.backend.release(record.into_block());
-                self.unreserve(pool, record_bytes);
+                self.release_to_backend(pool, record.into_block());
             } else {
                 // A deferred block keeps no pool reference: the pool's own drop releases it.
                 record.owner = None;
@@ -96,9 +98,7 @@ impl PoolManager {
             ready
         };
         for record in ready {
-            let bytes = record.block.bytes() as u64;
-            pool.backend.release(record.into_block());
-            self.unreserve(pool, bytes);
+            self.release_to_backend(pool, record.into_block());
         }
     }
 
@@ -189,20 +189,29 @@ impl PoolManager {
         report
     }
 
-    /// Fills the cache of the class of `bytes` with up to `count` blocks, within the class cap
-    /// and the budget. Returns how many blocks were added.
+    /// Makes room for `count` requests of `bytes` bytes without a backend call each: fills the
+    /// class of `bytes` with up to `count` idle blocks, within the class cap and the budget, or,
+    /// for sizes the large arena serves, adds one free segment that holds `count` such blocks
+    /// for requests on `stream`. Returns how many requests the prewarmed memory serves.
     pub(crate) fn prewarm(
         &self,
         device: usize,
         bytes: usize,
         count: usize,
         kind: Option<MemoryKind>,
+        stream: StreamId,
     ) -> Result<usize, PoolError> {
         if bytes == 0 {
             return Err(PoolError::ZeroSize);
         }
         let pool = self.device(device)?;
         let (kind, slot) = pool.kind_slot(kind)?;
+        if bytes > pool.large_threshold {
+            if !self.pooling() || count == 0 {
+                return Ok(0);
+            }
+            return self.prewarm_large(pool, slot, bytes, count, kind, stream);
+        }
         let class = self
             .config
             .classes
@@ -220,21 +229,16 @@ impl PoolManager {
         let shard = thread_shard();
         let mut added = 0;
         for _ in 0..wanted {
+            // Prewarming never evicts cached blocks to make room: no retry after a release.
             if !self.try_reserve(pool, class_bytes as u64) {
                 break;
             }
-            let block = match pool.backend.allocate(class_bytes, kind) {
+            let block = match self.backend_allocate(pool, class_bytes, kind) {
                 Ok(block) => block,
                 Err(error) => {
                     self.unreserve(pool, class_bytes as u64);
                     if added == 0 {
-                        return Err(PoolError::from_backend(
-                            pool.backend.name(),
-                            error,
-                            class_bytes,
-                            pool.reserved_now(),
-                            pool.backend.memory_info().map(|info| info.free_bytes),
-                        ));
+                        return Err(self.allocation_error(pool, error, class_bytes));
                     }
                     break;
                 }
@@ -245,17 +249,57 @@ impl PoolManager {
                 self.epoch.load(Ordering::Relaxed),
             );
             // No GPU work ever touched a prewarmed block: any stream may take it.
-            idle.pending.set_stream_fence(Arc::new(CompletedFence));
+            idle.pending.set_stream_fence(StreamFence::completed());
             if pool.purgeable {
                 pool.backend.make_purgeable(&idle.block);
             }
-            if let Err(idle) = cache.add_prewarmed(shard, idle) {
-                pool.backend.release(idle.into_block());
-                self.unreserve(pool, class_bytes as u64);
+            if let Err(mut idle) = cache.add_prewarmed(shard, idle) {
+                // Drops filled the class meanwhile: this block goes back, counted.
+                drop(idle.owner.take());
+                self.release_to_backend(pool, idle.into_block());
+                cache.record_unused_allocation(shard);
                 break;
             }
             added += 1;
         }
         Ok(added)
+    }
+
+    /// `prewarm` for sizes the large arena serves: one free segment of `count` blocks.
+    fn prewarm_large(
+        &self,
+        pool: &DevicePool,
+        slot: usize,
+        bytes: usize,
+        count: usize,
+        kind: MemoryKind,
+        stream: StreamId,
+    ) -> Result<usize, PoolError> {
+        let block_bytes = large_pool::block_bytes_for(bytes);
+        let segment_bytes = block_bytes
+            .and_then(|block_bytes| block_bytes.checked_mul(count))
+            .and_then(large_pool::segment_bytes_for)
+            .ok_or(PoolError::TooLarge {
+                requested_bytes: (bytes as u64).saturating_mul(count as u64),
+                limit_bytes: usize::MAX as u64,
+            })?;
+        if !self.try_reserve(pool, segment_bytes as u64) {
+            return Err(PoolError::BudgetExceeded {
+                requested_bytes: segment_bytes as u64,
+                reserved_bytes: pool.reserved_now(),
+                budget_bytes: self.config.budget_bytes.unwrap_or(u64::MAX),
+            });
+        }
+        match self.backend_allocate(pool, segment_bytes, kind) {
+            Ok(segment) => {
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                pool.large[slot].add_free_segment(segment, stream, epoch);
+                Ok(count)
+            }
+            Err(error) => {
+                self.unreserve(pool, segment_bytes as u64);
+                Err(self.allocation_error(pool, error, segment_bytes))
+            }
+        }
     }
 }

@@ -216,3 +216,228 @@ fn large_blocks_are_released_with_pooling_off() {
     assert_eq!(sim.counters().live_allocations, 0);
     manager.trim(TrimLevel::Aggressive);
 }
+
+// ---- Issue 9: correctness bugs found by adversarial testing ----
+
+/// Work to run once, inside a backend call.
+type Hook = Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
+/// The sim device, running `on_allocate` once, inside the next backend allocation.
+struct AllocationHook {
+    sim: SimBackend,
+    on_allocate: Hook,
+}
+
+impl Backend for AllocationHook {
+    fn name(&self) -> &str {
+        "allocation-hook"
+    }
+    fn kinds(&self) -> &[MemoryKind] {
+        self.sim.kinds()
+    }
+    fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError> {
+        let hook = self.on_allocate.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.sim.allocate(bytes, kind)
+    }
+    fn release(&self, block: Block) {
+        self.sim.release(block)
+    }
+    fn memory_info(&self) -> Option<MemoryInfo> {
+        self.sim.memory_info()
+    }
+}
+
+/// B3: `prewarm` checked the class's room, then allocated; drops that filled the class
+/// meanwhile made it release the block again, and neither the allocation nor the release was
+/// counted, so "backend allocations − releases = blocks held" broke.
+#[test]
+fn b3_prewarm_racing_with_drops_counts_every_backend_allocation() {
+    let sim = SimBackend::new(SimConfig::default());
+    let on_allocate: Hook = Arc::default();
+    let backend = AllocationHook {
+        sim: sim.clone(),
+        on_allocate: on_allocate.clone(),
+    };
+    let config = defaults()
+        .max_idle_per_class(4)
+        .min_idle_per_class(0)
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let manager = MemoryManager::with_config(backend, config).unwrap();
+    let buffers: Vec<_> = (0..4)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
+    // While prewarm's first block is being allocated, four drops fill the class to its cap.
+    *on_allocate.lock().unwrap() = Some(Box::new(move || drop(buffers)));
+    let added = manager.prewarm(4096, 4).unwrap();
+    assert_eq!(added, 0, "the class was full by the time the block arrived");
+    let stats = manager.stats();
+    let class = stats.class(4096, MemoryKind::Device).unwrap();
+    assert_eq!(
+        class.backend_allocations, 5,
+        "four misses and the prewarmed block"
+    );
+    assert_eq!(class.backend_releases, 1, "the prewarmed block went back");
+    assert_consistent_sim(&stats, &sim);
+}
+
+/// B3: a miss whose zeroing failed released its fresh block without counting the allocation
+/// or the release.
+#[test]
+fn b3_a_miss_whose_zeroing_fails_counts_its_allocation_and_release() {
+    let (manager, sim, fail) = flaky_manager();
+    fail.store(true, Ordering::SeqCst);
+    assert!(manager.allocate_bytes(4096).is_err());
+    let stats = manager.stats();
+    let class = stats.class(4096, MemoryKind::Device).unwrap();
+    assert_eq!((class.backend_allocations, class.backend_releases), (1, 1));
+    assert_eq!(stats.totals.failed_requests, 1);
+    assert_eq!(stats.totals.requests, 0);
+    assert_consistent_sim(&stats, &sim);
+}
+
+/// B4: the peak followed the budget reservation, raised before the backend was asked, so a
+/// request the device refused left a peak it never reached.
+#[test]
+fn b4_a_refused_request_leaves_no_peak() {
+    let (manager, sim) = crate::common::sim_manager_on(
+        SimConfig {
+            capacity_bytes: 1 << 30,
+            ..SimConfig::default()
+        },
+        defaults(),
+    );
+    let kept = manager.allocate_bytes(4096).unwrap();
+    assert!(matches!(
+        manager.allocate_bytes(4 << 30),
+        Err(gpupool::PoolError::OutOfMemory { .. } | gpupool::PoolError::TooLarge { .. })
+    ));
+    let class_only = manager.allocate_bytes(512 << 10);
+    assert!(class_only.is_ok());
+    let stats = manager.stats();
+    assert_eq!(
+        stats.totals.peak_reserved_bytes,
+        4096 + (512 << 10),
+        "the peak counts only what the device handed over"
+    );
+    let summary = gpupool::dashboard::summary(&stats);
+    assert!(!summary.contains("4.00 GiB"), "{summary}");
+    assert_consistent_sim(&stats, &sim);
+    drop(kept);
+}
+
+/// B5: `prewarm(2 MiB, 8)` filled the 2 MiB class, but requests above 1 MiB go to the large
+/// arena, so the prewarmed blocks were never used and every request still missed.
+#[test]
+fn b5_prewarm_fills_what_requests_of_that_size_use() {
+    let (manager, sim) = sim_manager(defaults());
+    assert_eq!(manager.prewarm(2 * MIB, 8).unwrap(), 8);
+    let allocations_after_prewarm = sim.counters().allocations;
+    let buffers: Vec<_> = (0..8)
+        .map(|_| manager.allocate_bytes(2 * MIB).unwrap())
+        .collect();
+    assert!(buffers.iter().all(|buffer| buffer.is_large()));
+    assert_eq!(
+        sim.counters().allocations,
+        allocations_after_prewarm,
+        "every request was served by the prewarmed segment"
+    );
+    let stats = manager.stats();
+    assert_eq!(stats.devices[0].large.hits, 8);
+    assert_eq!(stats.devices[0].large.misses, 0);
+    assert_eq!(stats.devices[0].large.prewarmed_segments, 1);
+    assert_consistent_sim(&stats, &sim);
+    drop(buffers);
+    // Class sizes still prewarm their class.
+    assert_eq!(manager.prewarm(4096, 3).unwrap(), 3);
+    drop(manager.allocate_bytes(4096).unwrap());
+    assert_eq!(
+        manager
+            .stats()
+            .class(4096, MemoryKind::Device)
+            .unwrap()
+            .hits,
+        1
+    );
+}
+
+/// The sim device, counting `wait_for_stream` calls, and failing them while `fail` is set.
+struct StreamWaits {
+    sim: SimBackend,
+    waits: Arc<std::sync::atomic::AtomicUsize>,
+    fail: Arc<AtomicBool>,
+}
+
+impl Backend for StreamWaits {
+    fn name(&self) -> &str {
+        "stream-waits"
+    }
+    fn kinds(&self) -> &[MemoryKind] {
+        &[MemoryKind::HostVisible]
+    }
+    fn allocate(&self, bytes: usize, _kind: MemoryKind) -> Result<Block, BackendError> {
+        // The host backend's memory, with this backend's stream semantics.
+        gpupool::backend::host::HostBackend::new().allocate(bytes, MemoryKind::HostVisible)
+    }
+    fn release(&self, block: Block) {
+        gpupool::backend::host::HostBackend::new().release(block)
+    }
+    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
+        self.waits.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            Err(BackendError::Driver("injected stream failure".into()))
+        } else {
+            self.sim.synchronize()
+        }
+    }
+}
+
+/// Host-visible memory is handed out at once on its stream while the previous owner's work
+/// and the zeroing may still be queued there: the first host access waits for the stream,
+/// once per buffer, and a failed wait is an error, not an access.
+#[test]
+fn host_visible_access_waits_for_the_stream_once_per_buffer() {
+    let waits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let fail = Arc::new(AtomicBool::new(false));
+    let backend = StreamWaits {
+        sim: SimBackend::default(),
+        waits: waits.clone(),
+        fail: fail.clone(),
+    };
+    let config = defaults()
+        .zero_on_reuse(true)
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let manager = MemoryManager::with_config(backend, config).unwrap();
+    let mut buffer = manager.allocate::<u32>(100).unwrap();
+    assert_eq!(
+        waits.load(Ordering::SeqCst),
+        0,
+        "no wait before host access"
+    );
+    buffer.as_mut_slice().unwrap().fill(7);
+    assert_eq!(buffer.as_slice().unwrap()[99], 7);
+    assert_eq!(waits.load(Ordering::SeqCst), 1, "one wait per buffer");
+    drop(buffer);
+    let mut reused = manager.allocate::<u32>(100).unwrap();
+    fail.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        reused.as_mut_slice(),
+        Err(gpupool::PoolError::Backend { .. })
+    ));
+    fail.store(false, Ordering::SeqCst);
+    assert!(
+        reused.as_slice().unwrap().iter().all(|&value| value == 0),
+        "zeroed on reuse"
+    );
+    assert_eq!(waits.load(Ordering::SeqCst), 3);
+}
+
+fn assert_consistent_sim(stats: &gpupool::PoolStats, sim: &SimBackend) {
+    crate::common::assert_consistent(stats, sim);
+}

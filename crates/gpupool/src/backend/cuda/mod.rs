@@ -28,7 +28,9 @@
 //!   reuses a block on another stream only after that event completed (see `crate::fence`).
 //!   [`Backend::synchronize`] is `cuCtxSynchronize`, and [`Backend::zero`] is a
 //!   `cuMemsetD8Async` on the requesting stream, so it runs after the previous owner's work on
-//!   that stream and before the new owner's.
+//!   that stream and before the new owner's. Because both may still be queued when a
+//!   host-visible buffer is handed out, its first host access waits for the stream
+//!   ([`Backend::wait_for_stream`], `cuStreamSynchronize`).
 //! - **Errors.** `CUDA_ERROR_OUT_OF_MEMORY` becomes [`BackendError::OutOfMemory`] (the pool
 //!   releases idle blocks and retries); a device request above the device's total memory is
 //!   [`BackendError::TooLarge`]; everything else is [`BackendError::Driver`] with the driver's
@@ -347,6 +349,14 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<(), BackendError> {
         let _bound = self.bind().map_err(backend_error)?;
         result::ctx::synchronize().map_err(backend_error)
+    }
+
+    fn wait_for_stream(&self, stream: StreamId) -> Result<(), BackendError> {
+        let handle = self.streams.handle(stream)?;
+        let _bound = self.bind().map_err(backend_error)?;
+        // SAFETY: `handle` is the default stream or a live stream of this context (the
+        // registry checked it), and the context is current.
+        unsafe { result::stream::synchronize(handle) }.map_err(backend_error)
     }
 
     fn zero(&self, block: &Block, stream: StreamId) -> Result<(), BackendError> {

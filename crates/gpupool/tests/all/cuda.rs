@@ -269,9 +269,19 @@ impl Gate {
 
     /// Queues the waiting kernel on `stream`: work queued after it waits for `open`.
     fn close(&self, stream: StreamId) -> Result<(), DriverError> {
+        self.hold(stream, 60_000_000_000)
+    }
+
+    /// A way to open the gate from another thread.
+    fn opener(&self) -> GateOpener {
+        GateOpener(self.flag as usize)
+    }
+
+    /// Queues the waiting kernel on `stream` for at most `timeout_ns` (or until `open`).
+    fn hold(&self, stream: StreamId, timeout_ns: u64) -> Result<(), DriverError> {
         self.ctx.bind_to_thread()?;
         let mut flag = self.flag_device;
-        let mut timeout_ns: u64 = 60_000_000_000;
+        let mut timeout_ns: u64 = timeout_ns;
         let mut params = [
             (&mut flag as *mut u64).cast::<c_void>(),
             (&mut timeout_ns as *mut u64).cast::<c_void>(),
@@ -295,6 +305,24 @@ impl Gate {
     fn open(&self) {
         // SAFETY: `flag` is live pinned memory until `Drop`.
         unsafe { self.flag.write_volatile(1) };
+        fence(Ordering::SeqCst);
+    }
+}
+
+// SAFETY: the driver API is thread-safe: the module and function handles may be used to
+// launch from any thread bound to the same context (`hold` binds it), and the flag is only
+// written with volatile stores, which any thread may make.
+unsafe impl Sync for Gate {}
+
+/// Opens a [`Gate`] from another thread; valid while the gate lives (the tests join the thread
+/// that holds it before dropping the gate).
+struct GateOpener(usize);
+
+impl GateOpener {
+    fn open(&self) {
+        // SAFETY: the flag is live pinned memory while the gate lives, which the callers
+        // guarantee; a volatile word write is what `Gate::open` does too.
+        unsafe { (self.0 as *mut u32).write_volatile(1) };
         fence(Ordering::SeqCst);
     }
 }
@@ -995,6 +1023,162 @@ fn the_driver_peers_allocate_and_free() -> TestResult {
     pool.free(on_default, StreamId::DEFAULT)?;
     assert!(pool.peak_reserved_bytes()? >= pool.reserved_bytes()?);
     drop(pool); // frees `second` and destroys the pool
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 9: a host-visible block is handed out at once on its stream while the previous
+/// owner's work and the zeroing may still be queued there; the new owner's `as_mut_slice`
+/// wrote before them, and they overwrote its data. The first host access now waits.
+#[test]
+fn host_visible_access_waits_for_queued_work_and_zeroing_on_its_stream() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let stream = backend.create_stream()?;
+    let manager = MemoryManager::with_config(backend, config().zero_on_reuse(true).build()?)?;
+    const WORDS: usize = 1 << 20;
+    let gate = Gate::new(&ctx)?;
+    let kind = on_kind(stream, MemoryKind::HostVisible);
+
+    // The previous owner queues a fill of its buffer behind the closed gate, and drops it.
+    let previous = manager.allocate_with::<u32>(WORDS, kind)?;
+    let address = previous.device_address();
+    gate.close(stream)?;
+    fill(&ctx, address, 0xAAAA_AAAA, WORDS, stream)?;
+    drop(previous);
+    // The new owner on the same stream gets the block at once (stream order), with a zeroing
+    // queued behind the fill.
+    let mut next = manager.allocate_with::<u32>(WORDS, kind)?;
+    assert_eq!(next.device_address(), address, "same-stream reuse");
+    assert!(busy(&ctx, stream)?, "the fill and the zeroing are queued");
+    // The gate opens a little later; the host access must wait for it, not write before.
+    let opener = gate.opener();
+    let opening = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        opener.open();
+    });
+    next.as_mut_slice()?.fill(7);
+    opening.join().expect("the opener thread");
+    synchronize(&ctx, stream)?;
+    assert!(
+        next.as_slice()?.iter().all(|&word| word == 7),
+        "queued work overwrote what the host wrote after its access began"
+    );
+    drop((next, manager));
+    drop(gate);
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 9's B1 on the device: 16 threads on 4 streams allocate blocks, queue a kernel that
+/// sleeps and then a fill that writes the block on their stream, record an event after it and
+/// drop the block while that work is still queued. An owner on another stream checks, right
+/// after it got a block, that the previous owner's event has completed. Misses fence foreign
+/// blocks concurrently with the drops (small caps, many shards). Any incomplete event is a
+/// block handed out while a kernel could still write it.
+#[test]
+fn b1_sixteen_threads_on_four_streams_never_get_a_block_whose_work_still_runs() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    const THREADS: usize = 16;
+    const ROUNDS: usize = 600;
+    let streams: Vec<StreamId> = (0..4)
+        .map(|_| backend.create_stream())
+        .collect::<Result<_, _>>()?;
+    let manager = MemoryManager::with_config(
+        backend,
+        config()
+            .shards(16)
+            .max_idle_per_class(8)
+            .max_idle_bytes_per_class(0)
+            .min_idle_per_class(0)
+            .build()?,
+    )?;
+    let gate = Gate::new(&ctx)?;
+    // Per block address: the last owner's stream and the event recorded after its work.
+    type LastUse = std::collections::HashMap<u64, (StreamId, usize)>;
+    let last_use: Mutex<LastUse> = Mutex::new(LastUse::new());
+    let violations = std::sync::atomic::AtomicUsize::new(0);
+    let checks = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| -> TestResult {
+        let mut workers = Vec::new();
+        for thread in 0..THREADS {
+            let (manager, ctx, gate, streams) = (&manager, &ctx, &gate, &streams);
+            let (last_use, violations, checks) = (&last_use, &violations, &checks);
+            workers.push(scope.spawn(move || -> Result<(), String> {
+                ctx.bind_to_thread().map_err(|error| format!("{error:?}"))?;
+                let mut random = 0x9E37_79B9_7F4A_7C15u64 ^ (thread as u64 + 1);
+                let mut next = move || {
+                    random ^= random << 13;
+                    random ^= random >> 7;
+                    random ^= random << 17;
+                    random
+                };
+                let stream = streams[thread % streams.len()];
+                let mut held = Vec::new();
+                for _ in 0..ROUNDS {
+                    let words = 64usize << (next() % 5); // 256 B to 4 KiB
+                    let buffer = manager
+                        .allocate_with::<u32>(words, on(stream))
+                        .map_err(|error| error.to_string())?;
+                    let address = buffer.device_address();
+                    let previous = last_use.lock().unwrap().get(&address).copied();
+                    if let Some((owner, event)) = previous {
+                        if owner != stream {
+                            checks.fetch_add(1, Ordering::Relaxed);
+                            let event = event as sys::CUevent;
+                            // SAFETY: the event lives until the end of the test (never destroyed
+                            // before every worker has finished).
+                            let done = unsafe { sys::cuEventQuery(event) };
+                            if done == sys::CUresult::CUDA_ERROR_NOT_READY {
+                                violations.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    // A kernel that sleeps up to 50 µs, then a fill of this block, then an event.
+                    gate.hold(stream, 5_000 + next() % 45_000)
+                        .map_err(|error| format!("{error:?}"))?;
+                    fill(ctx, address, thread as u32, words, stream)
+                        .map_err(|error| format!("{error:?}"))?;
+                    let event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                        .map_err(|error| format!("{error:?}"))?;
+                    // SAFETY: a fresh event and a live stream of this context.
+                    unsafe { result::event::record(event, CudaBackend::stream_handle(stream)) }
+                        .map_err(|error| format!("{error:?}"))?;
+                    // The events are leaked on purpose: a few thousand, freed with the context.
+                    last_use
+                        .lock()
+                        .unwrap()
+                        .insert(address, (stream, event as usize));
+                    held.push(buffer);
+                    if held.len() > 3 || next() % 2 == 0 {
+                        let victim = (next() as usize) % held.len();
+                        drop(held.swap_remove(victim));
+                    }
+                }
+                Ok(())
+            }));
+        }
+        for worker in workers {
+            worker.join().expect("a worker panicked")?;
+        }
+        Ok(())
+    })?;
+    synchronize(&ctx, StreamId::DEFAULT)?;
+    let (checks, violations) = (checks.into_inner(), violations.into_inner());
+    eprintln!("cuda b1 stress: {checks} cross-stream hand-outs checked, {violations} violations");
+    assert!(
+        checks > 0,
+        "no block ever changed streams: the test proved nothing"
+    );
+    assert_eq!(
+        violations, 0,
+        "blocks went to another stream while their work still ran"
+    );
+    drop(manager);
+    drop(gate);
     drop(turn);
     Ok(())
 }

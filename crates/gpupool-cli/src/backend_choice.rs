@@ -38,11 +38,23 @@ impl BackendName {
         }
     }
 
-    /// A fresh backend instance for device 0.
-    pub fn create(self) -> Result<Arc<dyn Backend>, PoolError> {
-        match self.resolve() {
+    /// A fresh backend instance for device 0, with a `sim` device of `sim_capacity_bytes` when
+    /// given (the hidden `--sim-capacity-bytes`: a nearly full device, so the tests can watch
+    /// allocations fail without a GPU). The capacity is refused for any other backend, rather
+    /// than silently ignored.
+    pub fn create(self, sim_capacity_bytes: Option<u64>) -> Result<Arc<dyn Backend>, PoolError> {
+        let resolved = self.resolve();
+        if sim_capacity_bytes.is_some() && resolved != BackendName::Sim {
+            return Err(PoolError::InvalidConfig(
+                "--sim-capacity-bytes applies to --backend sim only".into(),
+            ));
+        }
+        match resolved {
             BackendName::Host | BackendName::Auto => Ok(Arc::new(HostBackend::new())),
-            BackendName::Sim => Ok(Arc::new(SimBackend::default())),
+            BackendName::Sim => Ok(Arc::new(match sim_capacity_bytes {
+                Some(capacity_bytes) => SimBackend::with_capacity(capacity_bytes),
+                None => SimBackend::default(),
+            })),
             BackendName::Cuda => create_cuda(),
             BackendName::Metal => create_metal(),
         }

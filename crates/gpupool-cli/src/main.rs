@@ -13,12 +13,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use gpupool::dashboard::{self, Style};
 use gpupool::telemetry;
 
 use backend_choice::BackendName;
 use metrics_server::{CurrentManager, MetricsServer};
+
+/// The most timed replays: plenty for a stable median, and few enough that `--runs` cannot ask
+/// for a replay of days or a vector of run times larger than memory.
+const MAX_RUNS: u64 = 1000;
+/// The finest size classes the library builds (its `SizeClasses` refuses more steps); checked
+/// here as well so a bad value is a usage error naming the flag.
+const MAX_STEPS_PER_DOUBLING: u64 = 64;
 
 /// gpupool: a GPU memory pool, its benchmarks and its reports.
 #[derive(Parser)]
@@ -44,6 +52,10 @@ enum Command {
         /// mixed workload's statistics from the end of the run.
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
+        /// Capacity of the `sim` device in bytes (default 80 GiB). Hidden: a nearly full
+        /// device for the tests of the failure paths.
+        #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+        sim_capacity_bytes: Option<u64>,
     },
     /// Replay an allocation trace (op,id,size,stream CSV, gzip or not) through the pool.
     Replay {
@@ -55,8 +67,13 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
-        /// Size-class steps per doubling: 1 is the seed's powers of two, 4 wastes at most 20 %.
-        #[arg(long, default_value_t = 1)]
+        /// Size-class steps per doubling (1 to 64): 1 is the seed's powers of two, 4 wastes at
+        /// most 20 %.
+        #[arg(
+            long,
+            default_value_t = 1,
+            value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_STEPS_PER_DOUBLING)
+        )]
         steps_per_doubling: usize,
         /// The seed's rules instead of the defaults: every request in the size classes (no
         /// large arena), 32 idle blocks per class (no byte allowance).
@@ -66,17 +83,30 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
         /// Events between two samples of the plot.
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
-        plot_every: u64,
+        #[arg(
+            long,
+            default_value_t = 200,
+            value_parser = RangedU64ValueParser::<usize>::new().range(1..)
+        )]
+        plot_every: usize,
         /// End the text output with the dashboard of the pool after the replay.
         #[arg(long)]
         dashboard: bool,
-        /// Timed replays, each on a fresh manager; the median time per operation is reported.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-        runs: u64,
+        /// Timed replays (1 to 1000), each on a fresh manager; the median time per operation
+        /// is reported.
+        #[arg(
+            long,
+            default_value_t = 5,
+            value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_RUNS)
+        )]
+        runs: usize,
         /// Serve Prometheus metrics of the running replay on this loopback address.
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
+        /// Capacity of the `sim` device in bytes (default 80 GiB). Hidden: a nearly full
+        /// device for the tests of the failure paths.
+        #[arg(long, hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+        sim_capacity_bytes: Option<u64>,
     },
 }
 
@@ -135,6 +165,7 @@ fn run(command: Command) -> Result<(), String> {
             backend,
             format,
             metrics_addr,
+            sim_capacity_bytes,
         } => {
             // Live while the workloads run: each new manager is served as soon as it exists.
             let current = CurrentManager::default();
@@ -142,7 +173,8 @@ fn run(command: Command) -> Result<(), String> {
             if metrics_addr.is_some() {
                 bench::observe_managers(move |manager| current.set(manager));
             }
-            let report = bench::run(backend).map_err(|error| error.to_string())?;
+            let report =
+                bench::run(backend, sim_capacity_bytes).map_err(|error| error.to_string())?;
             match format {
                 Format::Text => emit(&bench_text(&report, Style::for_stdout())),
                 Format::Json => emit(&format!(
@@ -163,6 +195,7 @@ fn run(command: Command) -> Result<(), String> {
             dashboard: with_dashboard,
             runs,
             metrics_addr,
+            sim_capacity_bytes,
         } => {
             let current = CurrentManager::default();
             let _server = serve_metrics(metrics_addr, current.clone())?;
@@ -172,8 +205,9 @@ fn run(command: Command) -> Result<(), String> {
                 steps_per_doubling,
                 seed_rules,
                 plot,
-                plot_every: usize::try_from(plot_every).unwrap_or(usize::MAX),
-                runs: usize::try_from(runs).unwrap_or(usize::MAX),
+                plot_every,
+                runs,
+                sim_capacity_bytes,
             };
             let report = replay::run(&options, &|manager| current.set(manager))
                 .map_err(|e| e.to_string())?;

@@ -1,5 +1,6 @@
 //! The `gpupool` command as a user runs it: trace replay (text, JSON, gzip, plot), its errors,
-//! logging and the metrics flag. One test binary for the CLI.
+//! logging and the metrics flag, the bounds of its numeric flags, and bench and replay on a
+//! nearly full sim device. One test binary for the CLI.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -330,4 +331,188 @@ fn seed_rules_keep_large_requests_out_of_the_arena() {
     assert_eq!(seed["bypasses"], 1);
     assert_eq!(default["bypasses"], 0);
     assert_eq!(seed["peak_reserved_bytes"], 300_000_000 + 1024 + 8192);
+}
+
+/// The exit code, stderr and stdout of a run that must fail cleanly: no panic, no figures.
+fn failure(args: &[&str]) -> (Option<i32>, String) {
+    let output = gpupool(args, &[]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert!(output.stdout.is_empty(), "{args:?}: no figures on error");
+    (output.status.code(), stderr)
+}
+
+#[test]
+fn c1_replay_runs_out_of_range_is_a_clear_error() {
+    let dir = scratch("runs");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let trace = path.to_str().unwrap();
+    let cases = [
+        ("--runs", "0"),
+        ("--runs", "1001"),
+        ("--runs", "1000000000000"),
+        ("--runs", "18446744073709551615"),
+        ("--runs", "18446744073709551616"),
+        ("--runs", "-1"),
+        ("--steps-per-doubling", "0"),
+        ("--steps-per-doubling", "65"),
+        ("--steps-per-doubling", "18446744073709551615"),
+        ("--plot-every", "0"),
+        ("--plot-every", "18446744073709551616"),
+        ("--sim-capacity-bytes", "0"),
+    ];
+    for (flag, value) in cases {
+        // `--flag=value`, so "-1" is read as the flag's value and not as a flag.
+        let (code, stderr) = failure(&["replay", trace, &format!("{flag}={value}")]);
+        assert_eq!(code, Some(2), "{flag} {value}: a usage error: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{flag} {value}: names the flag: {stderr}"
+        );
+    }
+    // The bounds themselves are accepted (one at a time: a manager of 64 steps per doubling
+    // takes a while to build in a debug build, and each run builds one).
+    for (flag, value, key) in [
+        ("--runs", "1000", "runs"),
+        ("--steps-per-doubling", "64", "steps_per_doubling"),
+    ] {
+        let output = gpupool(
+            &[
+                "replay",
+                trace,
+                "--format",
+                "json",
+                &format!("{flag}={value}"),
+            ],
+            &[],
+        );
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(json[key].to_string(), value);
+    }
+    let (code, stderr) = failure(&["bench", "--sim-capacity-bytes", "0"]);
+    assert_eq!(code, Some(2), "{stderr}");
+}
+
+#[test]
+fn c2_a_trace_line_of_10_mb_fails_with_a_short_error() {
+    let dir = scratch("long-line");
+    // A size field of ten million digits: the old error quoted all of it.
+    let mut line = b"a,0,".to_vec();
+    line.resize(10 << 20, b'7');
+    line.extend_from_slice(b",0\n");
+    let path = write(&dir, "long.csv", &line);
+    let (code, stderr) = failure(&["replay", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 1: line longer than 4096 bytes"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.len() < 400,
+        "a short message: {} bytes",
+        stderr.len()
+    );
+
+    // A line under the bound with a long bad field: the message quotes its start only.
+    let field = "x".repeat(3000);
+    let path = write(&dir, "field.csv", format!("a,0,{field},0\n").as_bytes());
+    let (_, stderr) = failure(&["replay", path.to_str().unwrap()]);
+    assert!(stderr.contains("line 1: bad size \"xxx"), "{stderr}");
+    assert!(stderr.contains('…'), "{stderr}");
+    assert!(
+        stderr.len() < 400,
+        "a short message: {} bytes",
+        stderr.len()
+    );
+}
+
+#[test]
+fn c2_a_gzip_stream_of_200_mb_of_zeros_fails_fast_with_a_short_error() {
+    let dir = scratch("zeros");
+    // 200 gzip members of 1 MiB of zeros each: a gzip file may hold several members, and the
+    // trace reader reads them as one stream of 200 MiB without a newline. Compressing one
+    // member and repeating it keeps the test's own work small.
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(&vec![0u8; 1 << 20]).unwrap();
+    let member = encoder.finish().unwrap();
+    let bomb = member.repeat(200);
+    assert!(bomb.len() < 1 << 20, "{} bytes on disk", bomb.len());
+    let path = write(&dir, "zeros.csv.gz", &bomb);
+    let (code, stderr) = failure(&["replay", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    // Refused at the first line's bound, so nothing near 200 MiB was inflated or held.
+    assert!(
+        stderr.contains("line 1: line longer than 4096 bytes"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("zeros.csv.gz"), "{stderr}");
+    assert!(
+        stderr.len() < 400,
+        "a short message: {} bytes",
+        stderr.len()
+    );
+}
+
+#[test]
+fn bench_allocation_failure_mid_run_is_an_error_not_a_panic() {
+    // A sim device of 1.5 MiB: the workloads fit, then the 1 MiB latency row has gpupool's
+    // cached 1 MiB block live when the naive pool asks for its own (this was an `expect`).
+    let (code, stderr) = failure(&[
+        "bench",
+        "--backend",
+        "sim",
+        "--sim-capacity-bytes",
+        "1572864",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "gpupool: bench stopped: the naive pool's allocation of 1048576 bytes failed: \
+             device out of memory"
+        ),
+        "{stderr}"
+    );
+    // 3 MB: both pools hold their 1 MiB block when the unpooled manager asks for a third
+    // (this was an `expect` too).
+    let (code, stderr) = failure(&[
+        "bench",
+        "--backend",
+        "sim",
+        "--sim-capacity-bytes",
+        "3000000",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("gpupool: bench stopped: out of memory"),
+        "{stderr}"
+    );
+    // The capacity belongs to the sim device only.
+    let (code, stderr) = failure(&[
+        "bench",
+        "--backend",
+        "host",
+        "--sim-capacity-bytes",
+        "1572864",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("applies to --backend sim only"), "{stderr}");
+}
+
+#[test]
+fn replay_allocation_failure_names_the_trace_line() {
+    let dir = scratch("capacity");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let (code, stderr) = failure(&[
+        "replay",
+        path.to_str().unwrap(),
+        "--sim-capacity-bytes",
+        "1000000",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("trace line 8: allocation of 300000000 bytes failed"),
+        "{stderr}"
+    );
 }

@@ -16,7 +16,7 @@ use gpupool::{Backend, PoolError, StreamId};
 
 use super::timing::{median_ms, pair_percentiles};
 use super::{
-    threaded_rate, throughput, LatencyReport, PeerLatency, PeerTime, ThroughputReport,
+    threaded_rate, throughput, BenchError, LatencyReport, PeerLatency, PeerTime, ThroughputReport,
     WorkloadReport, RUNS, SEED_ITERATIONS, THROUGHPUT_THREADS,
 };
 
@@ -28,7 +28,7 @@ const STREAM_POOL_PAIRS_PER_THREAD: usize = 20_000;
 pub fn add_peers(
     latency: &mut [LatencyReport],
     workloads: &mut [WorkloadReport],
-) -> Result<Vec<ThroughputReport>, PoolError> {
+) -> Result<Vec<ThroughputReport>, BenchError> {
     let direct = DirectAllocator::new(0)?;
     let stream_pool = StreamOrderedPool::new(0)?;
     let stream = stream_pool.create_stream()?;
@@ -39,12 +39,11 @@ pub fn add_peers(
     {
         let (stream_pool_ms, ()) = median_ms(RUNS, || {
             for _ in 0..SEED_ITERATIONS {
-                let ptr = stream_pool
-                    .alloc(4096, stream)
-                    .expect("stream-ordered alloc");
-                stream_pool.free(ptr, stream).expect("stream-ordered free");
+                let ptr = stream_pool.alloc(4096, stream)?;
+                stream_pool.free(ptr, stream)?;
             }
-        });
+            Ok::<(), PoolError>(())
+        })?;
         seed_4k.peers.push(PeerTime {
             name: "cuda stream-ordered pool".into(),
             ms: stream_pool_ms,
@@ -54,20 +53,18 @@ pub fn add_peers(
     for row in latency.iter_mut() {
         let bytes = row.bytes as usize;
         let (p50_ns, p99_ns) = pair_percentiles(200, 10, || {
-            let ptr = direct.alloc(bytes).expect("cuMemAlloc");
-            direct.free(ptr).expect("cuMemFree");
-        });
+            let ptr = direct.alloc(bytes)?;
+            direct.free(ptr)
+        })?;
         row.peers.push(PeerLatency {
             name: "cuMemAlloc/cuMemFree".into(),
             p50_ns,
             p99_ns,
         });
         let (p50_ns, p99_ns) = pair_percentiles(2000, 100, || {
-            let ptr = stream_pool
-                .alloc(bytes, stream)
-                .expect("stream-ordered alloc");
-            stream_pool.free(ptr, stream).expect("stream-ordered free");
-        });
+            let ptr = stream_pool.alloc(bytes, stream)?;
+            stream_pool.free(ptr, stream)
+        })?;
         row.peers.push(PeerLatency {
             name: "cuda stream-ordered pool".into(),
             p50_ns,
@@ -89,12 +86,11 @@ pub fn add_peers(
         let rate = threaded_rate(threads, STREAM_POOL_PAIRS_PER_THREAD, |thread, pairs| {
             let stream = peer_streams[thread];
             for _ in 0..pairs {
-                let ptr = stream_pool
-                    .alloc(4096, stream)
-                    .expect("stream-ordered alloc");
-                stream_pool.free(ptr, stream).expect("stream-ordered free");
+                let ptr = stream_pool.alloc(4096, stream)?;
+                stream_pool.free(ptr, stream)?;
             }
-        });
+            Ok::<(), PoolError>(())
+        })?;
         rows.push(ThroughputReport {
             allocator: "cuda stream-ordered pool".into(),
             threads,
@@ -102,10 +98,11 @@ pub fn add_peers(
         });
         let rate = threaded_rate(threads, DIRECT_PAIRS_PER_THREAD, |_, pairs| {
             for _ in 0..pairs {
-                let ptr = direct.alloc(4096).expect("cuMemAlloc");
-                direct.free(ptr).expect("cuMemFree");
+                let ptr = direct.alloc(4096)?;
+                direct.free(ptr)?;
             }
-        });
+            Ok::<(), PoolError>(())
+        })?;
         rows.push(ThroughputReport {
             allocator: "cuMemAlloc/cuMemFree".into(),
             threads,

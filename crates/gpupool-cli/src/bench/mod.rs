@@ -7,6 +7,11 @@
 //!    and on CUDA the driver's own allocators.
 //!
 //! Each timed figure is the median of several runs on fresh managers; counts come from one run.
+//!
+//! A failed allocation anywhere (gpupool, the naive pool, a driver peer) ends the benchmark
+//! with a [`BenchError`] naming it: on a device that is nearly full, or failing, the command
+//! says so and exits non-zero rather than panicking. The timed loops pay for this with one
+//! branch per pair, as an `expect` would.
 
 mod naive;
 mod timing;
@@ -17,6 +22,7 @@ mod cuda_peers;
 use std::sync::Arc;
 use std::time::Instant;
 
+use gpupool::backend::BackendError;
 use gpupool::dashboard::format::thousands;
 use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, PoolStats};
 use serde::Serialize;
@@ -149,6 +155,46 @@ pub struct ThroughputReport {
     pub pairs_per_second: f64,
 }
 
+/// Why the benchmark stopped.
+#[derive(Debug)]
+pub enum BenchError {
+    /// gpupool refused an operation: setting up a manager, or an allocation of a workload.
+    Pool(PoolError),
+    /// The backend refused the naive comparison pool an allocation.
+    NaivePool {
+        /// The bytes asked for.
+        bytes: usize,
+        /// The backend's reason.
+        error: BackendError,
+    },
+}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchError::Pool(error) => write!(f, "bench stopped: {error}"),
+            BenchError::NaivePool { bytes, error } => write!(
+                f,
+                "bench stopped: the naive pool's allocation of {bytes} bytes failed: {error}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+impl From<PoolError> for BenchError {
+    fn from(error: PoolError) -> Self {
+        BenchError::Pool(error)
+    }
+}
+
+/// A naive-pool block of `bytes`, its failure as a [`BenchError`].
+fn naive_allocate(pool: &NaivePool, bytes: usize) -> Result<gpupool::Block, BenchError> {
+    pool.allocate(bytes)
+        .map_err(|error| BenchError::NaivePool { bytes, error })
+}
+
 /// Called with every manager the benchmark creates (the metrics endpoint serves the latest).
 type Observer = Box<dyn Fn(&MemoryManager) + Send + Sync>;
 static OBSERVER: std::sync::OnceLock<Observer> = std::sync::OnceLock::new();
@@ -209,17 +255,22 @@ fn seed_mixed(manager: &MemoryManager) -> Result<(), PoolError> {
     Ok(())
 }
 
-fn naive_ms(backend: &Arc<dyn Backend>, sizes: &[usize], iterations: usize) -> f64 {
-    median_ms(RUNS, || {
+fn naive_ms(
+    backend: &Arc<dyn Backend>,
+    sizes: &[usize],
+    iterations: usize,
+) -> Result<f64, BenchError> {
+    let (ms, ()) = median_ms(RUNS, || {
         let pool = NaivePool::new(backend.clone());
         for &bytes in sizes {
             for _ in 0..iterations {
-                let block = pool.allocate(std::hint::black_box(bytes));
+                let block = naive_allocate(&pool, std::hint::black_box(bytes))?;
                 pool.free(block);
             }
         }
-    })
-    .0
+        Ok::<(), BenchError>(())
+    })?;
+    Ok(ms)
 }
 
 fn workload(
@@ -228,10 +279,10 @@ fn workload(
     work: fn(&MemoryManager) -> Result<(), PoolError>,
     sizes: &[usize],
     iterations: usize,
-) -> Result<(WorkloadReport, PoolStats), PoolError> {
+) -> Result<(WorkloadReport, PoolStats), BenchError> {
     let (direct_ms, direct) = timed_runs(backend, false, work)?;
     let (pooled_ms, pooled) = timed_runs(backend, true, work)?;
-    let naive_ms = naive_ms(backend, sizes, iterations);
+    let naive_ms = naive_ms(backend, sizes, iterations)?;
     let totals = &pooled.totals;
     let rows = if sizes.len() > 1 {
         sizes
@@ -271,26 +322,21 @@ fn workload(
     Ok((report, pooled))
 }
 
-fn latency(backend: &Arc<dyn Backend>, bytes: usize) -> Result<LatencyReport, PoolError> {
+fn latency(backend: &Arc<dyn Backend>, bytes: usize) -> Result<LatencyReport, BenchError> {
     const BATCHES: usize = 5000;
     const PAIRS: usize = 100;
     let pooled = manager(backend, true)?;
     drop(pooled.allocate_bytes(bytes)?);
-    let (p50_ns, p99_ns) = batch_percentiles(BATCHES, PAIRS, |pairs| {
-        hit_pairs(&pooled, bytes, pairs);
-    });
+    let (p50_ns, p99_ns) =
+        batch_percentiles(BATCHES, PAIRS, |pairs| hit_pairs(&pooled, bytes, pairs))?;
     let naive = NaivePool::new(backend.clone());
-    let (naive_p50_ns, naive_p99_ns) = batch_percentiles(BATCHES, PAIRS, |pairs| {
-        naive_pairs(&naive, bytes, pairs);
-    });
+    let (naive_p50_ns, naive_p99_ns) =
+        batch_percentiles(BATCHES, PAIRS, |pairs| naive_pairs(&naive, bytes, pairs))?;
     let direct = manager(backend, false)?;
     let (direct_p50_ns, _) = pair_percentiles(200, 10, || {
-        drop(
-            direct
-                .allocate_bytes(std::hint::black_box(bytes))
-                .expect("direct"),
-        );
-    });
+        drop(direct.allocate_bytes(std::hint::black_box(bytes))?);
+        Ok::<(), PoolError>(())
+    })?;
     Ok(LatencyReport {
         bytes: bytes as u64,
         p50_ns,
@@ -309,8 +355,12 @@ const THROUGHPUT_PAIRS: usize = 100_000;
 
 /// Pairs per second of `threads` threads each running `pairs` calls of `pair(thread)`.
 /// `work(thread, pairs)` runs all of one thread's pairs, so the timed loop is the allocator's
-/// own code and not a closure call per pair.
-pub fn threaded_rate(threads: usize, pairs: usize, work: impl Fn(usize, usize) + Sync) -> f64 {
+/// own code and not a closure call per pair. The first thread's error, if any, is returned.
+pub fn threaded_rate<E: Send>(
+    threads: usize,
+    pairs: usize,
+    work: impl Fn(usize, usize) -> Result<(), E> + Sync,
+) -> Result<f64, E> {
     let barrier = std::sync::Barrier::new(threads);
     // Each thread times itself; the run spans from the first start to the last end.
     let spans: Vec<(Instant, Instant)> = std::thread::scope(|scope| {
@@ -321,32 +371,37 @@ pub fn threaded_rate(threads: usize, pairs: usize, work: impl Fn(usize, usize) +
                 scope.spawn(move || {
                     barrier.wait();
                     let start = Instant::now();
-                    work(thread, pairs);
-                    (start, Instant::now())
+                    work(thread, pairs)?;
+                    Ok((start, Instant::now()))
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|handle| handle.join().expect("benchmark thread"))
-            .collect()
-    });
+            .map(|handle| {
+                // A panic in a benchmark thread is a bug: carry it on as it is.
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect::<Result<_, E>>()
+    })?;
     let first = spans.iter().map(|span| span.0).min().expect("threads");
     let last = spans.iter().map(|span| span.1).max().expect("threads");
-    (threads * pairs) as f64 / last.duration_since(first).as_secs_f64()
+    Ok((threads * pairs) as f64 / last.duration_since(first).as_secs_f64())
 }
 
 /// gpupool and the naive pool, 4 KiB pairs, with 1, 4 and 16 threads.
 pub(super) fn throughput(
     backend: &Arc<dyn Backend>,
     streams: &[gpupool::StreamId],
-) -> Result<Vec<ThroughputReport>, PoolError> {
+) -> Result<Vec<ThroughputReport>, BenchError> {
     let mut rows = Vec::new();
     for threads in THROUGHPUT_THREADS {
         let pooled = manager(backend, true)?;
         let rate = threaded_rate(threads, THROUGHPUT_PAIRS, |thread, pairs| {
-            hit_pairs_on(&pooled, 4096, streams[thread % streams.len()], pairs);
-        });
+            hit_pairs_on(&pooled, 4096, streams[thread % streams.len()], pairs)
+        })?;
         rows.push(ThroughputReport {
             allocator: "gpupool".into(),
             threads,
@@ -354,8 +409,8 @@ pub(super) fn throughput(
         });
         let naive = NaivePool::new(backend.clone());
         let rate = threaded_rate(threads, THROUGHPUT_PAIRS, |_, pairs| {
-            naive_pairs(&naive, 4096, pairs);
-        });
+            naive_pairs(&naive, 4096, pairs)
+        })?;
         rows.push(ThroughputReport {
             allocator: "naive pool".into(),
             threads,
@@ -368,37 +423,41 @@ pub(super) fn throughput(
 /// `pairs` allocate+drop pairs of a cached block, in a function of its own: a loop a user would
 /// write, compiled on its own rather than inside the timing closure.
 #[inline(never)]
-fn hit_pairs(manager: &MemoryManager, bytes: usize, pairs: usize) {
+fn hit_pairs(manager: &MemoryManager, bytes: usize, pairs: usize) -> Result<(), PoolError> {
     for _ in 0..pairs {
-        let buffer = manager
-            .allocate_bytes(std::hint::black_box(bytes))
-            .expect("cached block");
+        let buffer = manager.allocate_bytes(std::hint::black_box(bytes))?;
         std::hint::black_box(&buffer);
     }
+    Ok(())
 }
 
 /// `hit_pairs` on a given stream.
 #[inline(never)]
-fn hit_pairs_on(manager: &MemoryManager, bytes: usize, stream: gpupool::StreamId, pairs: usize) {
+fn hit_pairs_on(
+    manager: &MemoryManager,
+    bytes: usize,
+    stream: gpupool::StreamId,
+    pairs: usize,
+) -> Result<(), PoolError> {
     let options = gpupool::AllocOptions {
         stream,
         ..gpupool::AllocOptions::default()
     };
     for _ in 0..pairs {
-        let buffer = manager
-            .allocate_with::<u8>(std::hint::black_box(bytes), options)
-            .expect("pooled");
+        let buffer = manager.allocate_with::<u8>(std::hint::black_box(bytes), options)?;
         std::hint::black_box(&buffer);
     }
+    Ok(())
 }
 
 /// The naive pool's counterpart of `hit_pairs`.
 #[inline(never)]
-fn naive_pairs(naive: &NaivePool, bytes: usize, pairs: usize) {
+fn naive_pairs(naive: &NaivePool, bytes: usize, pairs: usize) -> Result<(), BenchError> {
     for _ in 0..pairs {
-        let block = naive.allocate(std::hint::black_box(bytes));
+        let block = naive_allocate(naive, std::hint::black_box(bytes))?;
         naive.free(std::hint::black_box(block));
     }
+    Ok(())
 }
 
 fn cpu_name() -> String {
@@ -413,9 +472,13 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-/// Runs every workload on `backend`.
-pub fn run(backend_name: BackendName) -> Result<BenchReport, PoolError> {
-    let backend = backend_name.create()?;
+/// Runs every workload on `backend_name`; `sim_capacity_bytes` sizes a `sim` device (see
+/// [`BackendName::create`]).
+pub fn run(
+    backend_name: BackendName,
+    sim_capacity_bytes: Option<u64>,
+) -> Result<BenchReport, BenchError> {
+    let backend = backend_name.create(sim_capacity_bytes)?;
     let (seed_4k_report, _) = workload(&backend, "seed-4k", seed_4k, &[4096], SEED_ITERATIONS)?;
     let (mixed_report, mixed_stats) = workload(
         &backend,

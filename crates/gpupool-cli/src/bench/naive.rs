@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use gpupool::backend::BackendError;
 use gpupool::{Backend, Block, MemoryKind};
 
 /// One mutex, one `Vec` per power-of-two class.
@@ -30,15 +31,13 @@ impl NaivePool {
         bytes.max(256).next_power_of_two().trailing_zeros() as usize
     }
 
-    /// A block of at least `bytes` bytes.
-    pub fn allocate(&self, bytes: usize) -> Block {
+    /// A block of at least `bytes` bytes, or the backend's refusal (a naive pool has no retry).
+    pub fn allocate(&self, bytes: usize) -> Result<Block, BackendError> {
         let class = Self::class(bytes);
         if let Some(block) = self.classes.lock().unwrap()[class].pop() {
-            return block;
+            return Ok(block);
         }
-        self.backend
-            .allocate(1 << class, self.kind)
-            .expect("naive pool allocation")
+        self.backend.allocate(1 << class, self.kind)
     }
 
     /// Caches the block for reuse.

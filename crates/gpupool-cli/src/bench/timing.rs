@@ -6,44 +6,46 @@
 
 use std::time::Instant;
 
-/// p50 and p99 of per-pair nanoseconds over `batches` batches of `pairs_per_batch` calls.
-pub fn pair_percentiles(
+/// p50 and p99 of per-pair nanoseconds over `batches` batches of `pairs_per_batch` calls; the
+/// first error of `pair` ends the measurement.
+pub fn pair_percentiles<E>(
     batches: usize,
     pairs_per_batch: usize,
-    mut pair: impl FnMut(),
-) -> (f64, f64) {
+    mut pair: impl FnMut() -> Result<(), E>,
+) -> Result<(f64, f64), E> {
     for _ in 0..pairs_per_batch.max(100) {
-        pair();
+        pair()?;
     }
-    let mut samples: Vec<f64> = (0..batches)
+    let mut samples = (0..batches)
         .map(|_| {
             let start = Instant::now();
             for _ in 0..pairs_per_batch {
-                pair();
+                pair()?;
             }
-            start.elapsed().as_nanos() as f64 / pairs_per_batch as f64
+            Ok(start.elapsed().as_nanos() as f64 / pairs_per_batch as f64)
         })
-        .collect();
+        .collect::<Result<Vec<f64>, E>>()?;
     samples.sort_by(f64::total_cmp);
-    (percentile(&samples, 0.50), percentile(&samples, 0.99))
+    Ok((percentile(&samples, 0.50), percentile(&samples, 0.99)))
 }
 
-/// p50 and p99 of per-pair nanoseconds, where `batch(pairs)` runs `pairs` pairs itself.
-pub fn batch_percentiles(
+/// p50 and p99 of per-pair nanoseconds, where `batch(pairs)` runs `pairs` pairs itself; the
+/// first error of `batch` ends the measurement.
+pub fn batch_percentiles<E>(
     batches: usize,
     pairs_per_batch: usize,
-    mut batch: impl FnMut(usize),
-) -> (f64, f64) {
-    batch(pairs_per_batch.max(100));
-    let mut samples: Vec<f64> = (0..batches)
+    mut batch: impl FnMut(usize) -> Result<(), E>,
+) -> Result<(f64, f64), E> {
+    batch(pairs_per_batch.max(100))?;
+    let mut samples = (0..batches)
         .map(|_| {
             let start = Instant::now();
-            batch(pairs_per_batch);
-            start.elapsed().as_nanos() as f64 / pairs_per_batch as f64
+            batch(pairs_per_batch)?;
+            Ok(start.elapsed().as_nanos() as f64 / pairs_per_batch as f64)
         })
-        .collect();
+        .collect::<Result<Vec<f64>, E>>()?;
     samples.sort_by(f64::total_cmp);
-    (percentile(&samples, 0.50), percentile(&samples, 0.99))
+    Ok((percentile(&samples, 0.50), percentile(&samples, 0.99)))
 }
 
 /// The `quantile` of sorted samples (nearest rank).
@@ -55,16 +57,17 @@ pub fn percentile(sorted: &[f64], quantile: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// Median of `runs` timings in milliseconds of `work`, plus the last run's result.
-pub fn median_ms<R>(runs: usize, mut work: impl FnMut() -> R) -> (f64, R) {
+/// Median of `runs` timings in milliseconds of `work`, plus the last run's result; the first
+/// error of `work` ends the measurement.
+pub fn median_ms<R, E>(runs: usize, mut work: impl FnMut() -> Result<R, E>) -> Result<(f64, R), E> {
     let mut times = Vec::with_capacity(runs);
     let mut last = None;
     for _ in 0..runs {
         let start = Instant::now();
-        let result = work();
+        let result = work()?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
         last = Some(result);
     }
     times.sort_by(f64::total_cmp);
-    (percentile(&times, 0.5), last.expect("at least one run"))
+    Ok((percentile(&times, 0.5), last.expect("at least one run")))
 }

@@ -48,7 +48,7 @@ use plot::Sample;
 use trace::{Op, Trace};
 
 /// Events from which a terminal gets a progress bar during the replay.
-const PROGRESS_EVENTS: usize = 2_000_000;
+const PROGRESS_EVENTS: u64 = 2_000_000;
 /// File size from which a terminal gets a progress bar while the trace is read.
 const PROGRESS_FILE_BYTES: u64 = 16 << 20;
 /// Events between progress updates (the timed loop runs in chunks of this many).
@@ -71,6 +71,8 @@ pub struct ReplayOptions {
     pub plot_every: usize,
     /// Timed replays, each on a fresh manager; the median time is reported.
     pub runs: usize,
+    /// The capacity of the `sim` device, where not its default 80 GiB.
+    pub sim_capacity_bytes: Option<u64>,
 }
 
 /// The figures of one replay (the JSON output).
@@ -213,10 +215,12 @@ pub fn read_trace(path: &Path) -> Result<Trace, ReplayError> {
 /// The backend and one `StreamId` per stream value of the trace.
 fn backend_and_streams(
     name: BackendName,
+    sim_capacity_bytes: Option<u64>,
     trace: &Trace,
 ) -> Result<(Arc<dyn Backend>, Vec<StreamId>), ReplayError> {
+    // With a sim capacity, CUDA falls through to `create`, which refuses the pair.
     #[cfg(feature = "cuda")]
-    if name.resolve() == BackendName::Cuda {
+    if name.resolve() == BackendName::Cuda && sim_capacity_bytes.is_none() {
         let cuda = gpupool::backend::cuda::CudaBackend::new(0)?;
         let streams = trace
             .streams
@@ -244,7 +248,7 @@ fn backend_and_streams(
             }
         })
         .collect();
-    Ok((name.create()?, streams))
+    Ok((name.create(sim_capacity_bytes)?, streams))
 }
 
 fn manager(
@@ -387,13 +391,15 @@ pub fn run(
     observe: &dyn Fn(&MemoryManager),
 ) -> Result<ReplayReport, ReplayError> {
     let trace = read_trace(&options.trace)?;
-    let (backend, streams) = backend_and_streams(options.backend, &trace)?;
+    let (backend, streams) =
+        backend_and_streams(options.backend, options.sim_capacity_bytes, &trace)?;
     let events = trace.events.len();
 
     let runs = options.runs.max(1);
+    let replayed_events = (events as u64).saturating_mul(runs as u64);
     let bar = progress(
-        (events * runs) as u64,
-        events * runs >= PROGRESS_EVENTS,
+        replayed_events,
+        replayed_events >= PROGRESS_EVENTS,
         "replaying",
     );
     let mut times = Vec::with_capacity(runs);
@@ -431,7 +437,7 @@ pub fn run(
                     reserved_bytes: 0,
                 }],
             };
-            let bar = progress(events as u64, events >= PROGRESS_EVENTS, "sampling");
+            let bar = progress(events as u64, events as u64 >= PROGRESS_EVENTS, "sampling");
             let (_, live) = replay_loop(&sampled, &trace, &streams, &bar, &mut timeline)?;
             bar.finish_and_clear();
             drop(live);

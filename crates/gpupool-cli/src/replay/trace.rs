@@ -15,6 +15,11 @@
 //! naming the line. Parsing also computes what the trace itself says: the peak of requested
 //! live bytes.
 //!
+//! Lines are read with a bound of [`MAX_LINE_BYTES`]: a longer line is an error as soon as the
+//! bound is passed, so a file that is one huge line (or a small gzip stream that inflates to
+//! gigabytes without a newline) costs a few kilobytes of memory, not the size of the line. Error
+//! messages quote at most [`ECHO_CHARS`] characters of the input, for the same reason.
+//!
 //! Buffer ids become dense *slots* (reused after a free), so the replay keeps its live buffers
 //! in a `Vec` indexed by slot rather than a hash map keyed by id: the hashing is paid here,
 //! once, and not inside the timed loop that measures the pool.
@@ -88,6 +93,20 @@ impl std::error::Error for TraceError {}
 
 const HEADER: &str = "op,id,size,stream";
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// The longest line accepted, newline excluded. A trace line is four numbers of at most twenty
+/// digits and three commas; the rest is room for spaces and a `\r`.
+pub const MAX_LINE_BYTES: usize = 4096;
+/// How many characters of the input an error message quotes.
+pub const ECHO_CHARS: usize = 80;
+
+/// `text` as an error message quotes it: its first [`ECHO_CHARS`] characters, then "…" when
+/// some were left out, so a message stays short whatever the input.
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(ECHO_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
 
 struct Live {
     slot: u32,
@@ -107,7 +126,7 @@ struct Builder {
 fn number(field: &str, what: &str, line: u64) -> Result<u64, TraceError> {
     field.parse().map_err(|error| TraceError {
         line,
-        message: format!("bad {what} {field:?}: {error}"),
+        message: format!("bad {what} {:?}: {error}", excerpt(field)),
     })
 }
 
@@ -118,8 +137,9 @@ impl Builder {
             return Err(TraceError {
                 line,
                 message: format!(
-                    "expected 4 fields ({HEADER}), found {}: {text:?}",
-                    fields.len()
+                    "expected 4 fields ({HEADER}), found {}: {:?}",
+                    fields.len(),
+                    excerpt(text)
                 ),
             });
         };
@@ -129,7 +149,7 @@ impl Builder {
             other => {
                 return Err(TraceError {
                     line,
-                    message: format!("bad op {other:?}: expected \"a\" or \"f\""),
+                    message: format!("bad op {:?}: expected \"a\" or \"f\"", excerpt(other)),
                 })
             }
         };
@@ -226,21 +246,66 @@ pub fn parse(input: impl Read) -> Result<Trace, TraceError> {
     }
 }
 
+/// Why [`read_bounded_line`] stopped short of a line.
+enum LineError {
+    /// The line is longer than [`MAX_LINE_BYTES`].
+    TooLong,
+    /// The input could not be read.
+    Read(io::Error),
+}
+
+/// Reads the next line of `input` into `line` (cleared first, newline excluded), keeping at
+/// most [`MAX_LINE_BYTES`] of it: the input is taken buffer by buffer through `fill_buf` and
+/// `consume`, so a longer line is refused once the bound is passed, never held whole. Returns
+/// `false` at the end of the input.
+fn read_bounded_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> Result<bool, LineError> {
+    line.clear();
+    loop {
+        let available = match input.fill_buf() {
+            Ok(available) => available,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(LineError::Read(error)),
+        };
+        if available.is_empty() {
+            // The last line may lack its newline.
+            return Ok(!line.is_empty());
+        }
+        let newline = available.iter().position(|&byte| byte == b'\n');
+        let taken = newline.unwrap_or(available.len());
+        if line.len() + taken > MAX_LINE_BYTES {
+            return Err(LineError::TooLong);
+        }
+        line.extend_from_slice(&available[..taken]);
+        match newline {
+            Some(_) => {
+                input.consume(taken + 1);
+                return Ok(true);
+            }
+            None => input.consume(taken),
+        }
+    }
+}
+
 fn parse_lines(mut input: impl BufRead, compressed: bool) -> Result<Trace, TraceError> {
     let mut builder = Builder::default();
-    let mut text = String::new();
+    let mut bytes = Vec::with_capacity(MAX_LINE_BYTES);
     let mut line = 0u64;
     loop {
         line += 1;
-        text.clear();
-        match input.read_line(&mut text) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(error) => {
+        match read_bounded_line(&mut input, &mut bytes) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(LineError::TooLong) => {
+                return Err(TraceError {
+                    line,
+                    message: format!(
+                        "line longer than {MAX_LINE_BYTES} bytes (a trace line is {HEADER}); \
+                         is this a trace?"
+                    ),
+                })
+            }
+            Err(LineError::Read(error)) => {
                 let message = match (error.kind(), compressed) {
-                    (io::ErrorKind::InvalidData, _) if error.to_string().contains("UTF-8") => {
-                        "not UTF-8 text".to_string()
-                    }
                     (io::ErrorKind::UnexpectedEof, true) => {
                         "truncated gzip data (the file ends inside the compressed stream)"
                             .to_string()
@@ -251,6 +316,12 @@ fn parse_lines(mut input: impl BufRead, compressed: bool) -> Result<Trace, Trace
                 return Err(TraceError { line, message });
             }
         }
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return Err(TraceError {
+                line,
+                message: "not UTF-8 text".to_string(),
+            });
+        };
         let content = text.trim();
         if content.is_empty() || (builder.trace.events.is_empty() && content == HEADER) {
             continue;
@@ -339,6 +410,78 @@ mod tests {
         assert!(parse(&corrupt[..]).is_err());
         // Only the CRC and length trailer missing: the data is complete, the stream is not.
         assert!(parse(&compressed[..compressed.len() - 4]).is_err());
+    }
+
+    /// An endless stream: the same gzip member of zeros, over and over (a gzip file may hold
+    /// several members; the parser reads them all as one text).
+    struct EndlessGzipOfZeros {
+        member: Vec<u8>,
+        position: usize,
+    }
+
+    impl Read for EndlessGzipOfZeros {
+        fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+            let rest = &self.member[self.position..];
+            let count = rest.len().min(buffer.len());
+            buffer[..count].copy_from_slice(&rest[..count]);
+            self.position = (self.position + count) % self.member.len();
+            Ok(count)
+        }
+    }
+
+    #[test]
+    fn c2_a_line_longer_than_the_bound_is_refused_without_reading_it_whole() {
+        // An endless line: only a reader that stops at the bound returns at all.
+        let error = parse(io::repeat(b'7')).unwrap_err();
+        assert_eq!(error.line, 1, "{error}");
+        assert!(error.message.contains("longer than 4096 bytes"), "{error}");
+        // The same on a later line, which is named.
+        let error = parse(b"a,0,10,0\n".chain(io::repeat(b' '))).unwrap_err();
+        assert_eq!(error.line, 2, "{error}");
+        // A line of exactly the bound is accepted (padding is trimmed).
+        let mut padded = format!("a,0,10,0{}", " ".repeat(MAX_LINE_BYTES - 8));
+        assert_eq!(padded.len(), MAX_LINE_BYTES);
+        assert_eq!(parse(padded.as_bytes()).unwrap().events.len(), 1);
+        padded.push(' ');
+        assert!(parse(padded.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn c2_an_endless_gzip_stream_of_zeros_is_refused_at_the_first_line() {
+        let zeros = vec![0u8; 1 << 20];
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&zeros).unwrap();
+        let member = encoder.finish().unwrap();
+        let endless = EndlessGzipOfZeros {
+            member,
+            position: 0,
+        };
+        let error = parse(endless).unwrap_err();
+        assert_eq!(error.line, 1, "{error}");
+        assert!(error.message.contains("longer than"), "{error}");
+    }
+
+    #[test]
+    fn c2_error_messages_quote_at_most_80_characters_of_the_input() {
+        let long_size = "9".repeat(2000);
+        let long_op = "é".repeat(1500);
+        let cases = [
+            format!("a,0,{long_size},0\n"),
+            format!("{long_op},0,10,0\n"),
+            format!("{long_op}\n"),
+        ];
+        for text in cases {
+            let error = parse(text.as_bytes()).unwrap_err();
+            let message = error.to_string();
+            assert!(message.chars().count() < 200, "{message}");
+            assert!(message.contains('…'), "{message}");
+        }
+        assert_eq!(excerpt("short"), "short");
+        assert_eq!(excerpt(&"x".repeat(ECHO_CHARS)), "x".repeat(ECHO_CHARS));
+        assert_eq!(
+            excerpt(&"ü".repeat(ECHO_CHARS + 1)),
+            format!("{}…", "ü".repeat(ECHO_CHARS))
+        );
     }
 
     #[test]

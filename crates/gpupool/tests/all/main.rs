@@ -8,3 +8,4 @@ mod large;
 mod metal_like;
 mod observability;
 mod regressions;
+mod stream_safety;

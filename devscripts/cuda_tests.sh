@@ -3,12 +3,14 @@
 # binaries in devbin/.
 #
 #   devscripts/cuda_tests.sh build   # here, with cargo: builds the release test binaries of the
-#                                    # gpupool crate and copies them into devbin/
+#                                    # gpupool crate, and the unit tests of the gpupool command
+#                                    # (the CUDA driver peers live there), into devbin/
 #   devscripts/cuda_tests.sh         # on the GPU machine, from the repository root
 #
 # The run mode executes every devbin/all-* binary (the integration-test binary, tests/all) with
 # `--test-threads=1 --nocapture cuda`, then every devbin/gpupool-* binary (the library's unit
-# tests). The whole output goes to $OUT/cuda_tests.log ($OUT defaults to devbin/out). It exits
+# tests), then every devbin/cli-* binary (the command's unit tests) with
+# `--test-threads=1 --nocapture driver_peers`. The whole output goes to $OUT/cuda_tests.log ($OUT defaults to devbin/out). It exits
 # non-zero when a binary fails, when no binary is found, or when a GPU is visible
 # (nvidia-smi lists one) but a test printed "skipped: no CUDA driver": on the GPU machine a
 # skipped test is a failure, not a pass.
@@ -20,12 +22,12 @@ BIN_DIR=devbin
 build() {
     command -v cargo >/dev/null 2>&1 || { echo "cargo not found" >&2; exit 2; }
     mkdir -p "$BIN_DIR"
-    rm -f "$BIN_DIR"/all-* "$BIN_DIR"/gpupool-*
+    rm -f "$BIN_DIR"/all-* "$BIN_DIR"/gpupool-* "$BIN_DIR"/cli-*
     local executables
-    executables=$(cargo test --release -p gpupool --no-run --message-format=json 2>/dev/null \
+    executables=$(cargo test --release -p gpupool --features prometheus,json --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//') || true
     if [ -z "$executables" ]; then
-        echo "cargo built no test executable; run 'cargo test --release -p gpupool --no-run' to see why" >&2
+        echo "cargo built no test executable; run 'cargo test --release -p gpupool --features prometheus,json --no-run' to see why" >&2
         exit 1
     fi
     local exe name
@@ -41,6 +43,22 @@ build() {
                 echo "devbin: $name ($(du -h "$BIN_DIR/$name" | cut -f1))"
                 ;;
         esac
+    done
+    # The command's unit tests (binary `gpupool`, so its test executable is also gpupool-*):
+    # copied as cli-gpupool-*, so that the run mode can tell it from the library's.
+    executables=$(cargo test --release -p gpupool-cli --bin gpupool --no-run --message-format=json 2>/dev/null \
+        | grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//') || true
+    if [ -z "$executables" ]; then
+        echo "cargo built no test executable of the command; run 'cargo test --release -p gpupool-cli --bin gpupool --no-run' to see why" >&2
+        exit 1
+    fi
+    for exe in $executables; do
+        name=cli-$(basename "$exe")
+        cp "$exe" "$BIN_DIR/$name"
+        if command -v strip >/dev/null 2>&1; then
+            strip --strip-debug "$BIN_DIR/$name" 2>/dev/null || true
+        fi
+        echo "devbin: $name ($(du -h "$BIN_DIR/$name" | cut -f1))"
     done
 }
 
@@ -66,11 +84,12 @@ run() {
 
     local failures=0 binaries=0 bin status
     local -a summary=()
-    for bin in "$BIN_DIR"/all-* "$BIN_DIR"/gpupool-*; do
+    for bin in "$BIN_DIR"/all-* "$BIN_DIR"/gpupool-* "$BIN_DIR"/cli-*; do
         [ -f "$bin" ] && [ -x "$bin" ] || continue
         binaries=$((binaries + 1))
         case "$(basename "$bin")" in
             all-*) set -- --test-threads=1 --nocapture cuda ;;
+            cli-*) set -- --test-threads=1 --nocapture driver_peers ;;
             *) set -- --test-threads=1 ;;
         esac
         echo "== $bin $*" | tee -a "$log"
@@ -89,7 +108,7 @@ run() {
     {
         echo "== summary"
         if [ "$binaries" -eq 0 ]; then
-            echo "no test binary in $BIN_DIR/ (expected all-* and gpupool-*; build them with: devscripts/cuda_tests.sh build)"
+            echo "no test binary in $BIN_DIR/ (expected all-*, gpupool-* and cli-*; build them with: devscripts/cuda_tests.sh build)"
         fi
         local line
         for line in "${summary[@]}"; do

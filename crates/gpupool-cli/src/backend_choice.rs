@@ -1,5 +1,6 @@
 //! Which backend a command runs on: `auto` picks CUDA when a driver and a device exist, else
 //! Metal on Apple, else host.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 

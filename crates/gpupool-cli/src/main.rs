@@ -3,9 +3,19 @@
 //!
 //! Logs: the library's `tracing` events go to stderr, filtered by `RUST_LOG` (default `warn`;
 //! `RUST_LOG=debug` shows every pool miss, `info` the trims and OOM retries).
+//!
+//! Unsafe code: only [`driver_peers`] (raw CUDA driver calls, built with the `cuda` feature)
+//! may hold any; `unsafe_code` is denied for the crate and allowed on that one module, and
+//! every other module forbids it.
+#![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
 
 mod backend_choice;
 mod bench;
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code, reason = "raw driver calls, each with its SAFETY comment")]
+mod driver_peers;
+mod format;
 mod metrics_server;
 mod replay;
 
@@ -32,10 +42,12 @@ const MAX_STEPS_PER_DOUBLING: u64 = 64;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// What to run.
     #[command(subcommand)]
     command: Command,
 }
 
+/// The subcommands.
 #[derive(Subcommand)]
 enum Command {
     /// The seed's workloads and hit-path latency, against peers in the same run; the text
@@ -135,7 +147,7 @@ fn init_logging() {
 /// Starts the metrics endpoint, if one was asked for, and says where it is.
 fn serve_metrics(
     address: Option<SocketAddr>,
-    collector: impl prometheus_client::collector::Collector,
+    collector: impl telemetry::prometheus_client::collector::Collector,
 ) -> Result<Option<MetricsServer>, String> {
     let Some(address) = address else {
         return Ok(None);
@@ -159,6 +171,7 @@ fn bench_text(report: &bench::BenchReport, style: Style) -> String {
     text
 }
 
+/// Runs one subcommand; the error is the message for stderr.
 fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Bench {

@@ -30,10 +30,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use gpupool::telemetry;
+use gpupool::telemetry::prometheus_client::collector::Collector;
+use gpupool::telemetry::prometheus_client::encoding::DescriptorEncoder;
+use gpupool::telemetry::prometheus_client::registry::Registry;
 use gpupool::MemoryManager;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::registry::Registry;
 
 /// How long a client may take, in all, to send its request and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,6 +1,7 @@
 //! The `gpupool` command as a user runs it: trace replay (text, JSON, gzip, plot), its errors,
 //! logging and the metrics flag, the bounds of its numeric flags, and bench and replay on a
 //! nearly full sim device. One test binary for the CLI.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

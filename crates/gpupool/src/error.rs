@@ -1,11 +1,13 @@
-//! The one error type of the crate.
+//! The errors of the crate: [`PoolError`] for users, [`BackendError`] for what a backend
+//! reports to the pool (defined here, below the backends, so the backend layer imports
+//! nothing above it).
 //!
 //! Variants separate "never fits" ([`PoolError::TooLarge`]) from "out of memory now, retry
 //! after freeing something" ([`PoolError::OutOfMemory`]) from "over the configured limit"
 //! ([`PoolError::BudgetExceeded`]), and each carries the numbers a user needs to act on it.
 #![forbid(unsafe_code)]
 
-use crate::backend::MemoryKind;
+use crate::kind::MemoryKind;
 
 /// Everything that can go wrong when configuring the pool or asking it for memory.
 ///
@@ -117,4 +119,55 @@ pub enum PoolError {
 
 fn fmt_optional(value: Option<u64>) -> String {
     value.map_or_else(|| "unknown".to_string(), |bytes| format!("{bytes} bytes"))
+}
+
+/// A backend's failure, classified so the pool knows whether releasing idle blocks may help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The device is out of memory now; releasing cached blocks and retrying may succeed.
+    #[error("device out of memory")]
+    OutOfMemory,
+    /// The request can never be served by this backend (e.g. above its largest buffer).
+    #[error("larger than the backend's limit of {limit} bytes")]
+    TooLarge {
+        /// The largest single allocation the backend can make.
+        limit: u64,
+    },
+    /// The backend does not offer this memory kind.
+    #[error("{0:?} memory is not offered")]
+    UnsupportedKind(MemoryKind),
+    /// Any other driver failure, with the driver's words.
+    #[error("driver error: {0}")]
+    Driver(String),
+}
+
+impl PoolError {
+    /// Turns a backend failure during an allocation into the user-facing error.
+    pub(crate) fn from_backend(
+        backend: &str,
+        error: BackendError,
+        requested_bytes: usize,
+        reserved_bytes: u64,
+        device_free_bytes: Option<u64>,
+    ) -> PoolError {
+        match error {
+            BackendError::OutOfMemory => PoolError::OutOfMemory {
+                requested_bytes: requested_bytes as u64,
+                reserved_bytes,
+                device_free_bytes,
+            },
+            BackendError::TooLarge { limit } => PoolError::TooLarge {
+                requested_bytes: requested_bytes as u64,
+                limit_bytes: limit,
+            },
+            BackendError::UnsupportedKind(kind) => PoolError::UnsupportedKind {
+                kind,
+                backend: backend.to_string(),
+            },
+            BackendError::Driver(message) => PoolError::Backend {
+                backend: backend.to_string(),
+                message,
+            },
+        }
+    }
 }

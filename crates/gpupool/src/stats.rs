@@ -20,7 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::MemoryKind;
+use crate::kind::MemoryKind;
 pub use crate::latency::LatencySummary;
 
 /// One consistent snapshot of the whole pool.

@@ -1,5 +1,6 @@
 //! Prometheus telemetry: the statistics as `gpupool_` counters and gauges, through the
 //! Prometheus project's own Rust client (`prometheus-client`), in the OpenMetrics text format.
+//! Built with the `prometheus` feature (off by default).
 //!
 //! The pool already counts everything exactly (see [`PoolStats`]), so nothing here counts
 //! again: a [`prometheus_client::collector::Collector`] turns one consistent snapshot into
@@ -41,8 +42,13 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::memory_manager::MemoryManager;
+use crate::front::memory_manager::MemoryManager;
 use crate::stats::{ClassStats, LatencySummary, PoolStats};
+
+/// The `prometheus-client` this module is built on: its `Collector`, `Registry` and encoder
+/// types are the ones [`registry`], [`encode`] and [`encode_stats`] take, so a program that
+/// serves them uses this re-export rather than a version of its own.
+pub use prometheus_client;
 
 /// The prefix of every metric name.
 pub const PREFIX: &str = "gpupool";

@@ -4,13 +4,14 @@
 //! - stream-ordered pool: `cuMemAllocFromPoolAsync` / `cuMemFreeAsync` on a private pool whose
 //!   release threshold is the maximum (CUDA's own caching allocator).
 //!
-//! Both peers keep a small ledger of live pointers (one mutex) so a double free is an error
-//! rather than heap corruption; it costs tens of nanoseconds against microsecond driver calls.
-//! Throughput gives each thread its own stream, for gpupool and the stream-ordered pool alike.
+//! The peers themselves live in [`crate::driver_peers`]. Both keep a small ledger of live
+//! pointers (one mutex) so a double free is an error rather than heap corruption; it costs tens
+//! of nanoseconds against microsecond driver calls. Throughput gives each thread its own
+//! stream, for gpupool and the stream-ordered pool alike.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
-use gpupool::backend::cuda::peers::{DirectAllocator, StreamOrderedPool};
 use gpupool::backend::cuda::CudaBackend;
 use gpupool::{Backend, PoolError, StreamId};
 
@@ -19,6 +20,7 @@ use super::{
     threaded_rate, throughput, BenchError, LatencyReport, PeerLatency, PeerTime, ThroughputReport,
     WorkloadReport, RUNS, SEED_ITERATIONS, THROUGHPUT_THREADS,
 };
+use crate::driver_peers::{DirectAllocator, StreamOrderedPool};
 
 const DIRECT_PAIRS_PER_THREAD: usize = 2_000;
 const STREAM_POOL_PAIRS_PER_THREAD: usize = 20_000;

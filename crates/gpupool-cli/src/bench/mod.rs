@@ -12,6 +12,7 @@
 //! with a [`BenchError`] naming it: on a device that is nearly full, or failing, the command
 //! says so and exits non-zero rather than panicking. The timed loops pay for this with one
 //! branch per pair, as an `expect` would.
+#![forbid(unsafe_code)]
 
 mod naive;
 mod timing;
@@ -23,11 +24,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use gpupool::backend::BackendError;
-use gpupool::dashboard::format::thousands;
 use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, PoolStats};
 use serde::Serialize;
 
 use crate::backend_choice::BackendName;
+use crate::format::thousands;
 use naive::NaivePool;
 use timing::{batch_percentiles, median_ms, pair_percentiles};
 

@@ -3,6 +3,7 @@
 //! One mutex over one `Vec` of idle blocks per power-of-two class, no cap, no statistics, no
 //! stream or fence handling. It runs over the same backend as gpupool, so every difference in
 //! the figures comes from the pool design, not from the memory.
+#![forbid(unsafe_code)]
 
 use std::sync::{Arc, Mutex};
 

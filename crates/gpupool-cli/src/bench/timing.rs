@@ -3,6 +3,7 @@
 //! A single allocate+drop pair takes tens of nanoseconds, close to the cost of reading the
 //! clock, so pairs are timed in batches and each batch yields one per-pair sample; p50 and p99
 //! are taken over those samples.
+#![forbid(unsafe_code)]
 
 use std::time::Instant;
 

@@ -35,7 +35,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use gpupool::dashboard::format::thousands;
 use gpupool::dashboard::PoolReport;
 use gpupool::{
     ratio, AllocOptions, Backend, MemoryManager, PoolConfig, PoolError, PooledBuffer, StreamId,
@@ -44,6 +43,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::backend_choice::BackendName;
+use crate::format::thousands;
 use plot::Sample;
 use trace::{Op, Trace};
 

@@ -10,8 +10,9 @@
 
 use std::path::Path;
 
-use gpupool::dashboard::format::thousands;
 use plotters::prelude::*;
+
+use crate::format::thousands;
 
 /// One point of the timeline: the highest values of an interval of events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

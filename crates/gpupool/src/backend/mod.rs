@@ -1,11 +1,16 @@
 //! The bottom layer: where blocks really come from.
 //!
-//! A [`Backend`] allocates and releases whole blocks and reports device memory; nothing else.
+//! A [`Backend`] allocates and releases whole blocks and reports device memory. What only some
+//! devices can do is an optional capability the pools ask for: [`StreamOrdered`] (work queued
+//! in streams: fences, waits), [`Zeroing`] (zeroing in stream order) and [`Purgeable`] (idle
+//! blocks the OS may discard); a backend without one gets the plain behaviour (no fences, host
+//! zeroing, nothing purged).
 //! Everything that can be tested without a GPU (classes, caches, statistics, budgets) lives
 //! above this trait, so the `host` and `sim` backends exercise the same pool code that runs on
 //! CUDA and Metal. A backend module holds only the FFI calls and the reasoning that makes them
 //! safe.
 
+pub mod fence;
 pub mod host;
 pub mod sim;
 
@@ -20,60 +25,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::PoolError;
-use crate::fence::Fence;
-
-/// Where a block lives and who may touch it. Part of every cache key: a request is never
-/// served a block of another kind (the seed's storage-mode mix-up hung forever).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum MemoryKind {
-    /// Memory only the device reads and writes (CUDA `cuMemAlloc`, Metal `Private`).
-    Device,
-    /// Memory the host reads and writes and the device can address: pinned mapped host memory
-    /// on CUDA, `Shared` (unified) memory on Metal, plain aligned memory on the host backend.
-    HostVisible,
-    /// Host-visible memory mapped write-combined: fast for the host to write and the device to
-    /// read, very slow for the host to read.
-    HostVisibleWriteCombined,
-    /// Metal `Managed` storage (Intel Macs): separate host and device copies kept in sync.
-    Managed,
-}
-
-impl MemoryKind {
-    /// Every kind, in a fixed order used for dense cache indices.
-    pub const ALL: [MemoryKind; 4] = [
-        MemoryKind::Device,
-        MemoryKind::HostVisible,
-        MemoryKind::HostVisibleWriteCombined,
-        MemoryKind::Managed,
-    ];
-
-    /// Whether buffers of this kind expose a host slice.
-    pub fn is_host_visible(self) -> bool {
-        !matches!(self, MemoryKind::Device)
-    }
-
-    /// A short lowercase name for reports and metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            MemoryKind::Device => "device",
-            MemoryKind::HostVisible => "host-visible",
-            MemoryKind::HostVisibleWriteCombined => "host-visible-wc",
-            MemoryKind::Managed => "managed",
-        }
-    }
-}
-
-/// An ordered queue of GPU work (a CUDA stream, a Metal command queue). `StreamId(0)` is the
-/// backend's default stream; host and sim only ever use it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct StreamId(pub u64);
-
-impl StreamId {
-    /// The backend's default stream.
-    pub const DEFAULT: StreamId = StreamId(0);
-}
+pub use crate::error::BackendError;
+pub use crate::kind::{MemoryKind, StreamId};
+pub use fence::{CompletedFence, Fence};
 
 /// One allocation from a backend: an owned token the pool moves between threads and caches.
 ///
@@ -161,6 +115,13 @@ impl Block {
 // `PooledBuffer` that owns the block at a time.
 unsafe impl Send for Block {}
 
+/// Anything that stands for a block by its device address (a `PooledBuffer`), so a backend can
+/// look its blocks up (Metal's `metal_buffer`) without knowing the buffer type above it.
+pub trait DeviceAddress {
+    /// The address device code uses for the block's first byte.
+    fn device_address(&self) -> u64;
+}
+
 /// Free and total bytes of a device, as the driver reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryInfo {
@@ -168,26 +129,6 @@ pub struct MemoryInfo {
     pub free_bytes: u64,
     /// All bytes of the device.
     pub total_bytes: u64,
-}
-
-/// A backend's failure, classified so the pool knows whether releasing idle blocks may help.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BackendError {
-    /// The device is out of memory now; releasing cached blocks and retrying may succeed.
-    #[error("device out of memory")]
-    OutOfMemory,
-    /// The request can never be served by this backend (e.g. above its largest buffer).
-    #[error("larger than the backend's limit of {limit} bytes")]
-    TooLarge {
-        /// The largest single allocation the backend can make.
-        limit: u64,
-    },
-    /// The backend does not offer this memory kind.
-    #[error("{0:?} memory is not offered")]
-    UnsupportedKind(MemoryKind),
-    /// Any other driver failure, with the driver's words.
-    #[error("driver error: {0}")]
-    Driver(String),
 }
 
 /// What a backend does: allocate and release whole blocks, report memory, and mark points in
@@ -220,86 +161,111 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Marks "all work queued on `stream` so far"; the fence completes when that work has.
-    /// `None` means work on this backend is never asynchronous.
-    fn record_fence(&self, _stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
-        Ok(None)
+    /// Work queued in streams that runs after the call returns (CUDA streams, Metal command
+    /// queues), or `None` when nothing the backend does outlives the call (host, a synchronous
+    /// sim): the pool then needs no fence to reuse a block.
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        None
     }
+
+    /// Zeroing blocks in stream order (for `zero_on_reuse`), or `None`: the pool then zeroes
+    /// host-visible blocks from the host and refuses `zero_on_reuse` for device memory.
+    fn zeroing(&self) -> Option<&dyn Zeroing> {
+        None
+    }
+
+    /// Idle blocks the OS may discard while they are cached (Metal's purgeable state), or
+    /// `None`.
+    fn purgeable(&self) -> Option<&dyn Purgeable> {
+        None
+    }
+}
+
+/// The capability of a backend whose work runs asynchronously, in streams.
+pub trait StreamOrdered {
+    /// Marks "all work queued on `stream` so far"; the fence completes when that work has.
+    fn record_fence(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError>;
 
     /// Waits until all queued work that may use pool memory has finished. Called before
     /// releasing blocks whose fences are still pending (out-of-memory recovery, `clear`).
-    fn synchronize(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
+    fn synchronize(&self) -> Result<(), BackendError>;
 
     /// Waits until the work queued on `stream` so far has finished. The pool calls it before a
     /// buffer's first host access (`as_slice`, `as_mut_slice`), because the block's previous
     /// owner's work on that stream and its zeroing (queued in stream order) may still be
-    /// pending, and the host would race them. Synchronous backends have nothing to wait for.
-    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
-        Ok(())
+    /// pending, and the host would race them.
+    fn wait_for_stream(&self, stream: StreamId) -> Result<(), BackendError>;
+}
+
+/// The capability of filling blocks with zeros in stream order.
+pub trait Zeroing {
+    /// Fills `block` with zeros, ordered after the work queued on `stream` before the call.
+    fn zero(&self, block: &Block, stream: StreamId) -> Result<(), BackendError>;
+}
+
+/// The capability of letting the OS discard idle blocks (Metal: `Volatile`).
+pub trait Purgeable {
+    /// Marks an idle block's contents as discardable. The pool calls it before a block enters
+    /// a cache (never while GPU work may still use it).
+    fn make_purgeable(&self, block: &Block);
+
+    /// Makes a cached block's memory stable again. Returns false if the OS discarded it
+    /// meanwhile; the pool then releases it and serves the request as a miss.
+    fn reclaim(&self, block: &Block) -> bool;
+}
+
+/// The capabilities as the pool uses them, with what a backend without one means.
+impl dyn Backend {
+    /// A fence after the work queued on `stream` so far; complete at once where no work is
+    /// asynchronous.
+    pub(crate) fn fence_after(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
+        match self.stream_ordered() {
+            Some(streams) => streams.record_fence(stream),
+            None => Ok(Arc::new(CompletedFence)),
+        }
     }
 
-    /// Whether idle blocks may be handed to the OS while cached (Metal purgeable state). When
-    /// true, the pool calls [`Backend::make_purgeable`] before a block enters a cache and
-    /// [`Backend::reclaim`] when it leaves one.
-    fn purgeable_idle_blocks(&self) -> bool {
-        false
+    /// Waits for all queued work; nothing to wait for where no work is asynchronous.
+    pub(crate) fn wait_for_all(&self) -> Result<(), BackendError> {
+        self.stream_ordered()
+            .map_or(Ok(()), |streams| streams.synchronize())
     }
 
-    /// Marks an idle block's contents as discardable (Metal: `Volatile`).
-    fn make_purgeable(&self, _block: &Block) {}
-
-    /// Makes a cached block's memory stable again (Metal: `NonVolatile`). Returns false if the
-    /// OS discarded it meanwhile; the pool then releases it and serves the request as a miss.
-    fn reclaim(&self, _block: &Block) -> bool {
-        true
+    /// Waits for the work queued on `stream`.
+    pub(crate) fn wait_for(&self, stream: StreamId) -> Result<(), BackendError> {
+        self.stream_ordered()
+            .map_or(Ok(()), |streams| streams.wait_for_stream(stream))
     }
 
-    /// Fills a block with zeros in stream order (for `zero_on_reuse`).
-    fn zero(&self, block: &Block, _stream: StreamId) -> Result<(), BackendError> {
-        match block.host_ptr {
-            Some(ptr) => {
-                // SAFETY: `ptr` points to `block.bytes` bytes owned by the block, which the
-                // caller holds exclusively while zeroing.
-                unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, block.bytes) };
-                Ok(())
-            }
-            None => Err(BackendError::Driver(format!(
-                "{} cannot zero device memory",
-                self.name()
-            ))),
+    /// Marks an idle block discardable, where the backend can.
+    pub(crate) fn make_purgeable(&self, block: &Block) {
+        if let Some(purgeable) = self.purgeable() {
+            purgeable.make_purgeable(block);
+        }
+    }
+
+    /// Zeroes a block in stream order, or from the host where the backend cannot.
+    pub(crate) fn zero_block(&self, block: &Block, stream: StreamId) -> Result<(), BackendError> {
+        match self.zeroing() {
+            Some(zeroing) => zeroing.zero(block, stream),
+            None => zero_from_host(self, block),
         }
     }
 }
 
-impl PoolError {
-    /// Turns a backend failure during an allocation into the user-facing error.
-    pub(crate) fn from_backend(
-        backend: &str,
-        error: BackendError,
-        requested_bytes: usize,
-        reserved_bytes: u64,
-        device_free_bytes: Option<u64>,
-    ) -> PoolError {
-        match error {
-            BackendError::OutOfMemory => PoolError::OutOfMemory {
-                requested_bytes: requested_bytes as u64,
-                reserved_bytes,
-                device_free_bytes,
-            },
-            BackendError::TooLarge { limit } => PoolError::TooLarge {
-                requested_bytes: requested_bytes as u64,
-                limit_bytes: limit,
-            },
-            BackendError::UnsupportedKind(kind) => PoolError::UnsupportedKind {
-                kind,
-                backend: backend.to_string(),
-            },
-            BackendError::Driver(message) => PoolError::Backend {
-                backend: backend.to_string(),
-                message,
-            },
+/// Zeroes a host-visible block from the host: what the pool does for backends without the
+/// [`Zeroing`] capability.
+fn zero_from_host(backend: &dyn Backend, block: &Block) -> Result<(), BackendError> {
+    match block.host_ptr {
+        Some(ptr) => {
+            // SAFETY: `ptr` points to `block.bytes` initialised bytes owned by the block, which
+            // the caller holds exclusively while zeroing (it has not handed it out yet).
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, block.bytes) };
+            Ok(())
         }
+        None => Err(BackendError::Driver(format!(
+            "{} cannot zero device memory",
+            backend.name()
+        ))),
     }
 }

@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Backend, BackendError, Block, MemoryInfo, MemoryKind, StreamId};
-use crate::fence::Fence;
+use super::{
+    Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, StreamId, StreamOrdered, Zeroing,
+};
 use crate::size_class::BLOCK_ALIGN;
 
 /// When the simulated device refuses an allocation.
@@ -293,13 +294,24 @@ impl Backend for SimBackend {
         })
     }
 
-    fn record_fence(&self, _stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
-        if !self.config.asynchronous {
-            return Ok(None);
-        }
+    /// Asynchronous only when configured so: its fences then complete when the test says.
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        self.config
+            .asynchronous
+            .then_some(self as &dyn StreamOrdered)
+    }
+
+    /// Nothing to write: the sim holds no memory.
+    fn zeroing(&self) -> Option<&dyn Zeroing> {
+        Some(self)
+    }
+}
+
+impl StreamOrdered for SimBackend {
+    fn record_fence(&self, _stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
         let fence = Arc::new(SimFence::default());
         self.ledger().fences.push(fence.clone());
-        Ok(Some(fence))
+        Ok(fence)
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
@@ -308,6 +320,14 @@ impl Backend for SimBackend {
         Ok(())
     }
 
+    /// The sim's work finishes when the test completes its fences; the host has nothing to
+    /// race, so host access does not wait.
+    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+impl Zeroing for SimBackend {
     fn zero(&self, _block: &Block, _stream: StreamId) -> Result<(), BackendError> {
         Ok(())
     }

@@ -14,7 +14,7 @@ const UNITS: [(&str, u64); 4] = [
 
 /// Bytes in the largest binary unit that keeps the number at least 1, with three or four
 /// significant digits: `0 B`, `999 B`, `4.00 KiB`, `12.3 MiB`, `154 MiB`, `7.69 GiB`.
-pub fn bytes(value: u64) -> String {
+pub(crate) fn bytes(value: u64) -> String {
     for (name, unit) in UNITS {
         if value >= unit {
             let scaled = value as f64 / unit as f64;
@@ -32,7 +32,7 @@ pub fn bytes(value: u64) -> String {
 
 /// The exact size of a class in the largest unit that shows it with at most two decimals:
 /// `256 B`, `1.25 KiB`, `320 KiB`, `1.5 MiB`, `256 MiB`.
-pub fn class_label(class_bytes: u64) -> String {
+pub(crate) fn class_label(class_bytes: u64) -> String {
     for (name, unit) in UNITS {
         if class_bytes >= unit && (u128::from(class_bytes) * 100) % u128::from(unit) == 0 {
             let hundredths = u128::from(class_bytes) * 100 / u128::from(unit);
@@ -50,12 +50,12 @@ pub fn class_label(class_bytes: u64) -> String {
 
 /// A ratio as a percentage with one decimal (`0.999` → `99.9%`); NaN and infinities print as
 /// `0.0%`, which no snapshot produces but a hand-built one might.
-pub fn percent(ratio: f64) -> String {
+pub(crate) fn percent(ratio: f64) -> String {
     format!("{:.1}%", finite(ratio) * 100.0)
 }
 
 /// `value` if it is finite, else 0.
-pub fn finite(value: f64) -> f64 {
+pub(crate) fn finite(value: f64) -> f64 {
     if value.is_finite() {
         value
     } else {
@@ -64,7 +64,7 @@ pub fn finite(value: f64) -> f64 {
 }
 
 /// An integer with thousands separators: `1,234,567`.
-pub fn thousands(value: u64) -> String {
+pub(crate) fn thousands(value: u64) -> String {
     let digits = value.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (index, digit) in digits.chars().enumerate() {
@@ -78,7 +78,7 @@ pub fn thousands(value: u64) -> String {
 
 /// A latency in the unit that suits it: `41 ns`, `3.2 µs`, `1.5 ms`, `2.00 s`; `-` when
 /// nothing was sampled.
-pub fn nanos(value: f64, samples: u64) -> String {
+pub(crate) fn nanos(value: f64, samples: u64) -> String {
     let value = finite(value);
     if samples == 0 {
         "-".to_string()
@@ -94,7 +94,7 @@ pub fn nanos(value: f64, samples: u64) -> String {
 }
 
 /// How many terminal columns `line` takes: characters, not counting ANSI colour sequences.
-pub fn display_width(line: &str) -> usize {
+pub(crate) fn display_width(line: &str) -> usize {
     let mut width = 0;
     let mut chars = line.chars();
     while let Some(character) = chars.next() {
@@ -113,7 +113,7 @@ pub fn display_width(line: &str) -> usize {
 }
 
 /// Greedy word wrap of `text` to `width` columns; lines after the first start with `indent`.
-pub fn wrap(text: &str, width: usize, indent: &str) -> Vec<String> {
+pub(crate) fn wrap(text: &str, width: usize, indent: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut line = String::new();
     for word in text.split_whitespace() {

@@ -7,13 +7,15 @@
 //!
 //! - [`render()`]: the terminal dashboard, in the seed's sections, within 80 columns;
 //! - [`summary()`]: the one-line summary for logs;
-//! - [`PoolReport`]: the dated report, as text or JSON;
+//! - [`PoolReport`]: the dated report, as text, or as JSON with the `json` feature;
 //! - [`class_efficiency`] and [`StarRating`]: the per-class score (one 0–100 scale) and the
 //!   seed's star rating of the allocation reduction;
 //! - [`HealthAssessment`]: the seed's health rule, extended with memory pressure and efficiency;
 //! - [`recommendations()`]: each fires only when its condition holds and names class and action;
-//! - [`Style`]: colour only on a terminal and only without `NO_COLOR`;
-//! - [`format`](mod@format): binary byte units, class labels, percentages and thousands separators.
+//! - [`Style`]: colour only on a terminal and only without `NO_COLOR`.
+//!
+//! The number formatting they share (binary byte units, class labels, percentages, thousands
+//! separators, dates) is private: it is presentation, not API.
 //!
 //! ```
 //! use gpupool::backend::sim::SimBackend;
@@ -30,7 +32,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod format;
+mod format;
 pub mod health;
 pub mod recommendations;
 mod render;
@@ -39,11 +41,10 @@ mod score;
 mod style;
 mod summary;
 
-pub use format::display_width;
 pub use health::{Health, HealthAssessment};
 pub use recommendations::{recommendations, ClassRef, Recommendation};
 pub use render::{mean_efficiency, render, BAR_WIDTH, DISTRIBUTION_ROWS, WIDTH};
-pub use report::{rfc3339, ClassScore, PoolReport, RecommendationEntry};
+pub use report::{ClassScore, PoolReport, RecommendationEntry};
 pub use score::{class_efficiency, StarRating};
 pub use style::Style;
 pub use summary::summary;

@@ -446,7 +446,8 @@ fn footer(page: &mut Page) {
 /// }
 /// let text = dashboard::render(&manager.stats(), Style::PLAIN);
 /// assert!(text.contains("Pool is operating well"));
-/// assert!(text.lines().all(|line| dashboard::display_width(line) <= 80));
+/// // Plain text has no colour sequences: every character is one column.
+/// assert!(text.lines().all(|line| line.chars().count() <= dashboard::WIDTH));
 /// ```
 pub fn render(stats: &PoolStats, style: Style) -> String {
     let mut page = Page {

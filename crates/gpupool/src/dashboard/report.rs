@@ -1,6 +1,6 @@
 //! The pool report (the seed's `GeneratePoolReport`): a dated, plain record of a snapshot —
 //! overall figures, memory, the per-class table, latency, health and recommendations — as text
-//! and as JSON.
+//! and, with the `json` feature, as JSON.
 //!
 //! Where the dashboard is for a person at a terminal, the report is for a file or a ticket: it
 //! carries its timestamp (UTC, RFC 3339) and, in JSON, the whole [`PoolStats`] beside the
@@ -45,7 +45,8 @@ pub struct RecommendationEntry {
     pub message: String,
 }
 
-/// A dated report of one snapshot; serialises to the JSON report.
+/// A dated report of one snapshot; serialises (serde) to the JSON report, which
+/// `to_json` writes with the `json` feature.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PoolReport {
     /// When the report was made, UTC, RFC 3339 (`2025-11-25T12:00:00Z`).
@@ -106,7 +107,8 @@ impl PoolReport {
         }
     }
 
-    /// The report as pretty-printed JSON.
+    /// The report as pretty-printed JSON. Needs the `json` feature.
+    #[cfg(feature = "json")]
     pub fn to_json(&self) -> String {
         // Cannot fail: every map key is a string and serde_json writes non-finite floats as null.
         serde_json::to_string_pretty(self).expect("a report always serialises")
@@ -195,7 +197,7 @@ impl PoolReport {
 
 /// Seconds since the Unix epoch as an RFC 3339 UTC timestamp (proleptic Gregorian calendar;
 /// Howard Hinnant's `civil_from_days`).
-pub fn rfc3339(unix_seconds: u64) -> String {
+fn rfc3339(unix_seconds: u64) -> String {
     let days = (unix_seconds / 86_400) as i64;
     let second_of_day = unix_seconds % 86_400;
     let shifted = days + 719_468;

@@ -1,8 +1,9 @@
 //! One consistent snapshot of the pool: every lock of every device is held while the counters
 //! are read, so the figures agree with each other exactly (see `stats.rs` for the identities).
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::Ordering;
-use std::sync::PoisonError;
 
 use super::PoolManager;
 use crate::stats::{BypassStats, ClassStats, DeviceStats, LargeStats, PoolStats, Totals};
@@ -16,18 +17,14 @@ impl PoolManager {
         let infos: Vec<_> = self
             .devices
             .iter()
-            .map(|pool| pool.backend.memory_info())
+            .map(|pool| pool.backend().memory_info())
             .collect();
         // Hold every lock of every device until all counters are read.
-        let bypass_guards: Vec<_> = self
-            .devices
-            .iter()
-            .map(|pool| pool.bypass.lock().unwrap_or_else(PoisonError::into_inner))
-            .collect();
+        let bypass_guards: Vec<_> = self.devices.iter().map(|pool| pool.bypass.lock()).collect();
         let deferred_guards: Vec<_> = self
             .devices
             .iter()
-            .map(|pool| pool.deferred.lock().unwrap_or_else(PoisonError::into_inner))
+            .map(|pool| pool.upstream.deferred_list())
             .collect();
         let large_guards: Vec<Vec<_>> = self
             .devices
@@ -49,7 +46,7 @@ impl PoolManager {
                 backend_releases: bypass_counters.backend_releases,
                 in_use_bytes: bypass_counters.in_use_bytes,
                 requested_live_bytes: bypass_counters.requested_live_bytes,
-                peak_reserved_bytes: pool.peak_reserved_bytes.load(Ordering::Relaxed),
+                peak_reserved_bytes: pool.upstream.budget.peak(),
                 pending_release_blocks: deferred_guards[device].len() as u64,
                 pending_release_bytes: deferred_guards[device]
                     .iter()
@@ -59,7 +56,7 @@ impl PoolManager {
             };
             let mut classes = Vec::new();
             for (index, shards) in shard_guards[device].iter().enumerate() {
-                let mut counters = crate::class_cache::CacheCounters::default();
+                let mut counters = crate::pools::class_cache::CacheCounters::default();
                 for shard in shards {
                     counters.add(&shard.counters());
                 }
@@ -119,7 +116,7 @@ impl PoolManager {
             totals.accumulate(&device_totals);
             devices.push(DeviceStats {
                 device,
-                device_name: pool.backend.device_name(),
+                device_name: pool.backend().device_name(),
                 budget_bytes: self.config.budget_bytes,
                 capacity_bytes: info.map(|info| info.total_bytes),
                 device_free_bytes: info.map(|info| info.free_bytes),
@@ -143,7 +140,7 @@ impl PoolManager {
         totals.derive(None);
         totals.memory_pressure = highest_pressure;
         PoolStats {
-            backend: self.devices[0].backend.name().to_string(),
+            backend: self.devices[0].backend().name().to_string(),
             pooling: self.pooling(),
             devices,
             totals,

@@ -18,9 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use gpupool::backend::cuda::cudarc::driver::{result, sys, CudaContext, DriverError};
-use gpupool::backend::cuda::peers::{DirectAllocator, StreamOrderedPool};
 use gpupool::backend::cuda::CudaBackend;
-use gpupool::backend::BackendError;
+use gpupool::backend::{BackendError, StreamOrdered};
 use gpupool::{
     AllocOptions, Backend, MemoryKind, MemoryManager, PoolConfig, PoolConfigBuilder, PoolError,
     StreamId,
@@ -879,8 +878,18 @@ fn the_backend_allocates_each_kind_and_fences_follow_stream_work() -> TestResult
         if let Some(host) = block.host_ptr() {
             assert_eq!(host.as_ptr() as usize % gpupool::BLOCK_ALIGN, 0);
         }
-        driver(backend.zero(&block, StreamId::DEFAULT))?;
-        driver(backend.synchronize())?;
+        driver(
+            backend
+                .zeroing()
+                .expect("CUDA zeroes")
+                .zero(&block, StreamId::DEFAULT),
+        )?;
+        driver(
+            backend
+                .stream_ordered()
+                .expect("CUDA streams")
+                .synchronize(),
+        )?;
         backend.release(block);
     }
     assert!(backend.allocate(MIB, MemoryKind::Managed).is_err());
@@ -894,7 +903,7 @@ fn the_backend_allocates_each_kind_and_fences_follow_stream_work() -> TestResult
     let stream = backend.create_stream()?;
     let gate = Gate::new(&ctx)?;
     gate.close(stream)?;
-    let fence = driver(backend.record_fence(stream))?.expect("CUDA fences are asynchronous");
+    let fence = driver(backend.record_fence(stream))?;
     assert!(!fence.is_complete());
     let elsewhere = fence.clone();
     assert!(!std::thread::spawn(move || elsewhere.is_complete())
@@ -909,8 +918,8 @@ fn the_backend_allocates_each_kind_and_fences_follow_stream_work() -> TestResult
         .unwrap());
     // The last reference drops on another thread, which destroys the event there.
     std::thread::spawn(move || drop(fence)).join().unwrap();
-    let default_fence = driver(backend.record_fence(StreamId::DEFAULT))?.expect("a fence");
-    driver(backend.synchronize())?;
+    let default_fence = driver(backend.record_fence(StreamId::DEFAULT))?;
+    driver(StreamOrdered::synchronize(&backend))?;
     assert!(default_fence.is_complete());
     drop(gate);
     drop(backend);
@@ -938,12 +947,11 @@ fn pool_calls_give_the_thread_its_own_context_back_and_accept_lent_streams() -> 
     let still_theirs =
         || -> Result<bool, DriverError> { Ok(result::ctx::get_current()? == Some(other.cu_ctx())) };
     let extra = CudaBackend::new(0)?;
-    let peer = DirectAllocator::new(0)?;
     assert!(
         still_theirs()?,
-        "opening a backend or a peer left the thread's context alone"
+        "opening a backend left the thread's context alone"
     );
-    drop((extra, peer));
+    drop(extra);
     let buffer = manager.allocate_with::<u8>(MIB, on(lent_id))?; // a miss: cuMemAlloc
     assert!(still_theirs()?, "allocate left the thread's context alone");
     let mut owner: sys::CUcontext = std::ptr::null_mut();
@@ -982,47 +990,6 @@ fn pool_calls_give_the_thread_its_own_context_back_and_accept_lent_streams() -> 
     );
     drop(other);
     drop(lent);
-    drop(turn);
-    Ok(())
-}
-
-#[test]
-fn the_driver_peers_allocate_and_free() -> TestResult {
-    let Some(Gpu {
-        backend,
-        ctx: _,
-        turn,
-    }) = cuda_or_skip()
-    else {
-        return Ok(());
-    };
-    drop(backend);
-    let direct = DirectAllocator::new(0)?;
-    let ptr = direct.alloc(MIB)?;
-    assert_eq!(direct.live_bytes(), MIB as u64);
-    direct.free(ptr)?;
-    assert!(
-        direct.free(ptr).is_err(),
-        "a double free is an error, not a corruption"
-    );
-    let leaked = direct.alloc(4 * MIB)?; // freed when the allocator drops
-    assert_ne!(leaked, 0);
-    drop(direct);
-
-    let pool = StreamOrderedPool::new(0)?;
-    let stream = pool.create_stream()?;
-    let first = pool.alloc(8 * MIB, stream)?;
-    assert!(pool.used_bytes()? >= 8 * MIB as u64);
-    pool.free(first, stream)?;
-    let second = pool.alloc(8 * MIB, stream)?; // left for the pool's drop to free
-    assert_ne!(second, 0);
-    assert!(pool.reserved_bytes()? >= 8 * MIB as u64);
-    assert!(pool.free(0xdead_0000, stream).is_err());
-    assert!(pool.alloc(MIB, StreamId(0xdead_0000)).is_err());
-    let on_default = pool.alloc(MIB, StreamId::DEFAULT)?;
-    pool.free(on_default, StreamId::DEFAULT)?;
-    assert!(pool.peak_reserved_bytes()? >= pool.reserved_bytes()?);
-    drop(pool); // frees `second` and destroys the pool
     drop(turn);
     Ok(())
 }

@@ -5,7 +5,9 @@ mod core;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod large;
+mod layers;
 mod metal_like;
 mod observability;
+mod properties;
 mod regressions;
 mod stream_safety;

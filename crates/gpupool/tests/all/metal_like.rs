@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use gpupool::backend::{BackendError, MemoryInfo};
+use gpupool::backend::{BackendError, MemoryInfo, Purgeable as PurgeableCapability};
 use gpupool::fence::Fence;
 use gpupool::{
     AllocOptions, Backend, Block, MemoryKind, MemoryManager, PoolConfig, PoolError, PoolStats,
-    StreamId, TrimLevel, BLOCK_ALIGN,
+    TrimLevel, BLOCK_ALIGN,
 };
 
 const KIB: usize = 1024;
@@ -85,7 +85,6 @@ struct Ledger {
     released: Vec<u64>,
     make_purgeable_calls: u64,
     reclaim_calls: u64,
-    synchronize_calls: u64,
     /// Calls that named a block whose kind differs from the driver's record, or an unknown
     /// block.
     mismatches: u64,
@@ -284,21 +283,15 @@ impl Backend for FakeMetal {
         })
     }
 
-    fn record_fence(&self, _stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
-        // Like Metal: no stream to mark.
-        Ok(None)
-    }
+    // Like Metal: no stream to mark, and command buffers retain what they use, so there is
+    // nothing to wait for (no `stream_ordered`).
 
-    fn synchronize(&self) -> Result<(), BackendError> {
-        // Like Metal: command buffers retain what they use, so there is nothing to wait for.
-        self.ledger().synchronize_calls += 1;
-        Ok(())
+    fn purgeable(&self) -> Option<&dyn PurgeableCapability> {
+        self.purgeable.then_some(self as &dyn PurgeableCapability)
     }
+}
 
-    fn purgeable_idle_blocks(&self) -> bool {
-        self.purgeable
-    }
-
+impl PurgeableCapability for FakeMetal {
     fn make_purgeable(&self, block: &Block) {
         let mut ledger = self.ledger();
         ledger.make_purgeable_calls += 1;

@@ -1,14 +1,12 @@
 //! Dashboard, summary, report and telemetry: expected output for a healthy, a thrashing and an
 //! empty pool, a test per recommendation trigger and for the quiet case, and width and NaN
-//! checks on every render.
+//! checks on every render. The JSON report's tests need the `json` feature and the telemetry's
+//! the `prometheus` feature (both on in `cargo test --workspace`, where the CLI enables them).
 
-use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use gpupool::backend::sim::SimConfig;
-use gpupool::dashboard::{
-    self, display_width, Health, HealthAssessment, PoolReport, Recommendation, Style,
-};
+use gpupool::dashboard::{self, Health, HealthAssessment, PoolReport, Recommendation, Style};
 use gpupool::{LatencySummary, PoolStats};
 
 use crate::common::{defaults, sim_manager, sim_manager_on};
@@ -73,15 +71,42 @@ fn empty() -> PoolStats {
     manager.stats()
 }
 
+/// Terminal columns of `line`: characters, not counting ANSI colour sequences (`ESC [ ... m`).
+fn display_width(line: &str) -> usize {
+    let mut width = 0;
+    let mut chars = line.chars();
+    while let Some(character) = chars.next() {
+        if character == '\u{1b}' {
+            for inner in chars.by_ref() {
+                if inner.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            width += 1;
+        }
+    }
+    width
+}
+
+#[test]
+fn display_width_skips_colour_sequences() {
+    assert_eq!(display_width("\u{1b}[1;32mok\u{1b}[0m"), 2);
+    assert_eq!(display_width("══ µs"), 5);
+}
+
 fn assert_renders_cleanly(stats: &PoolStats) {
     let report = PoolReport::new(stats.clone(), UNIX_EPOCH);
-    for text in [
+    #[cfg_attr(not(feature = "json"), allow(unused_mut))]
+    let mut texts = vec![
         dashboard::render(stats, Style::PLAIN),
         dashboard::render(stats, Style::COLOR),
         report.to_text(),
-        report.to_json(),
         dashboard::summary(stats),
-    ] {
+    ];
+    #[cfg(feature = "json")]
+    texts.push(report.to_json());
+    for text in texts {
         assert!(!text.contains("NaN"), "NaN in:\n{text}");
         assert!(!text.contains("inf"), "infinity in:\n{text}");
     }
@@ -304,7 +329,7 @@ fn colour_only_paints_and_keeps_the_width() {
 }
 
 #[test]
-fn the_pool_report_is_dated_and_serialises_to_json() {
+fn the_pool_report_is_dated() {
     let stats = healthy();
     let report = PoolReport::new(
         stats.clone(),
@@ -325,7 +350,17 @@ fn the_pool_report_is_dated_and_serialises_to_json() {
         );
     }
     assert!(text.contains("  64 KiB     device           501     99.8%"));
+    assert!(PoolReport::new(empty(), UNIX_EPOCH).rating.is_none());
+}
 
+#[cfg(feature = "json")]
+#[test]
+fn the_pool_report_serialises_to_json() {
+    let stats = healthy();
+    let report = PoolReport::new(
+        stats.clone(),
+        UNIX_EPOCH + Duration::from_secs(1_764_073_989),
+    );
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["generated_at"], "2025-11-25T12:33:09Z");
     assert_eq!(json["generated_at_unix_s"], 1_764_073_989);
@@ -345,7 +380,6 @@ fn the_pool_report_is_dated_and_serialises_to_json() {
         .as_str()
         .unwrap()
         .starts_with("Raise the cap of class 4 KiB"));
-    assert!(PoolReport::new(empty(), UNIX_EPOCH).rating.is_none());
 }
 
 // ---- recommendations: one test per trigger, and the quiet case ----
@@ -583,109 +617,116 @@ fn memory_pressure_caps_the_health_of_a_well_reusing_pool() {
 
 // ---- telemetry ----
 
-/// Parses OpenMetrics text, checking its structure; returns samples by name and labels.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
-    assert!(text.ends_with("# EOF\n"), "no EOF marker");
-    let mut declared = HashMap::new();
-    let mut samples = HashMap::new();
-    for line in text.lines() {
-        if line == "# EOF" {
-            continue;
+#[cfg(feature = "prometheus")]
+mod telemetry {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// Parses OpenMetrics text, checking its structure; returns samples by name and labels.
+    fn parse_exposition(text: &str) -> HashMap<String, f64> {
+        assert!(text.ends_with("# EOF\n"), "no EOF marker");
+        let mut declared = HashMap::new();
+        let mut samples = HashMap::new();
+        for line in text.lines() {
+            if line == "# EOF" {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(name.starts_with("gpupool_"), "{line}");
+                assert!(["counter", "gauge", "info"].contains(&kind), "{line}");
+                assert!(declared
+                    .insert(name.to_string(), kind.to_string())
+                    .is_none());
+                continue;
+            }
+            if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value: {line}"));
+            let name = series.split('{').next().unwrap();
+            let family = declared
+                .keys()
+                .find(|family| {
+                    name == family.as_str()
+                        || name
+                            .strip_prefix(family.as_str())
+                            .is_some_and(|suffix| ["_total", "_info"].contains(&suffix))
+                })
+                .unwrap_or_else(|| panic!("sample without a TYPE: {line}"));
+            if declared[family] == "counter" {
+                assert!(name.ends_with("_total"), "{line}");
+            }
+            assert!(
+                samples.insert(series.to_string(), value).is_none(),
+                "duplicate: {line}"
+            );
         }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap();
-            assert!(name.starts_with("gpupool_"), "{line}");
-            assert!(["counter", "gauge", "info"].contains(&kind), "{line}");
-            assert!(declared
-                .insert(name.to_string(), kind.to_string())
-                .is_none());
-            continue;
-        }
-        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value: {line}"));
-        let name = series.split('{').next().unwrap();
-        let family = declared
-            .keys()
-            .find(|family| {
-                name == family.as_str()
-                    || name
-                        .strip_prefix(family.as_str())
-                        .is_some_and(|suffix| ["_total", "_info"].contains(&suffix))
-            })
-            .unwrap_or_else(|| panic!("sample without a TYPE: {line}"));
-        if declared[family] == "counter" {
-            assert!(name.ends_with("_total"), "{line}");
-        }
-        assert!(
-            samples.insert(series.to_string(), value).is_none(),
-            "duplicate: {line}"
-        );
+        samples
     }
-    samples
-}
 
-fn sum_of(samples: &HashMap<String, f64>, name: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|(series, _)| series.split('{').next() == Some(name))
-        .map(|(_, value)| value)
-        .sum()
-}
+    fn sum_of(samples: &HashMap<String, f64>, name: &str) -> f64 {
+        samples
+            .iter()
+            .filter(|(series, _)| series.split('{').next() == Some(name))
+            .map(|(_, value)| value)
+            .sum()
+    }
 
-#[test]
-fn telemetry_exposes_the_snapshot_as_gpupool_metrics() {
-    let stats = thrashing();
-    let text = gpupool::telemetry::snapshot_text(&stats);
-    let samples = parse_exposition(&text);
-    assert_eq!(
-        sum_of(&samples, "gpupool_hits_total"),
-        stats.totals.hits as f64
-    );
-    assert_eq!(
-        sum_of(&samples, "gpupool_misses_total"),
-        stats.totals.misses as f64
-    );
-    assert_eq!(
-        samples[r#"gpupool_releases_at_cap_total{device="0",class="4096",kind="device"}"#],
-        1400.0
-    );
-    assert_eq!(
-        samples[r#"gpupool_cached_bytes{device="0",class="4096",kind="device"}"#],
-        8192.0
-    );
-    assert_eq!(
-        samples[r#"gpupool_miss_latency_seconds{device="0",class="4096",kind="device",quantile="0.99"}"#],
-        12288e-9
-    );
-    assert_eq!(
-        samples[r#"gpupool_peak_reserved_bytes{device="0"}"#],
-        65536.0
-    );
-    assert_eq!(samples["gpupool_pooling_enabled"], 1.0);
-    assert_eq!(samples[r#"gpupool_backend_info{backend="sim"}"#], 1.0);
+    #[test]
+    fn telemetry_exposes_the_snapshot_as_gpupool_metrics() {
+        let stats = thrashing();
+        let text = gpupool::telemetry::snapshot_text(&stats);
+        let samples = parse_exposition(&text);
+        assert_eq!(
+            sum_of(&samples, "gpupool_hits_total"),
+            stats.totals.hits as f64
+        );
+        assert_eq!(
+            sum_of(&samples, "gpupool_misses_total"),
+            stats.totals.misses as f64
+        );
+        assert_eq!(
+            samples[r#"gpupool_releases_at_cap_total{device="0",class="4096",kind="device"}"#],
+            1400.0
+        );
+        assert_eq!(
+            samples[r#"gpupool_cached_bytes{device="0",class="4096",kind="device"}"#],
+            8192.0
+        );
+        assert_eq!(
+            samples[r#"gpupool_miss_latency_seconds{device="0",class="4096",kind="device",quantile="0.99"}"#],
+            12288e-9
+        );
+        assert_eq!(
+            samples[r#"gpupool_peak_reserved_bytes{device="0"}"#],
+            65536.0
+        );
+        assert_eq!(samples["gpupool_pooling_enabled"], 1.0);
+        assert_eq!(samples[r#"gpupool_backend_info{backend="sim"}"#], 1.0);
 
-    let empty = parse_exposition(&gpupool::telemetry::snapshot_text(&empty()));
-    assert_eq!(sum_of(&empty, "gpupool_hits_total"), 0.0);
-    assert_eq!(empty[r#"gpupool_failed_requests_total{device="0"}"#], 0.0);
-}
+        let empty = parse_exposition(&gpupool::telemetry::snapshot_text(&empty()));
+        assert_eq!(sum_of(&empty, "gpupool_hits_total"), 0.0);
+        assert_eq!(empty[r#"gpupool_failed_requests_total{device="0"}"#], 0.0);
+    }
 
-#[test]
-fn the_pool_collector_snapshots_the_manager_at_each_scrape() {
-    let (manager, _sim) = sim_manager(defaults());
-    let registry =
-        gpupool::telemetry::registry(gpupool::telemetry::PoolCollector::new(manager.clone()));
-    drop(manager.allocate_bytes(KIB).unwrap());
-    let first = parse_exposition(&gpupool::telemetry::encode(&registry));
-    drop(manager.allocate_bytes(KIB).unwrap());
-    let second = parse_exposition(&gpupool::telemetry::encode(&registry));
-    assert_eq!(sum_of(&first, "gpupool_hits_total"), 0.0);
-    assert_eq!(sum_of(&second, "gpupool_hits_total"), 1.0);
-    assert_eq!(sum_of(&second, "gpupool_requests_total"), 2.0);
+    #[test]
+    fn the_pool_collector_snapshots_the_manager_at_each_scrape() {
+        let (manager, _sim) = sim_manager(defaults());
+        let registry =
+            gpupool::telemetry::registry(gpupool::telemetry::PoolCollector::new(manager.clone()));
+        drop(manager.allocate_bytes(KIB).unwrap());
+        let first = parse_exposition(&gpupool::telemetry::encode(&registry));
+        drop(manager.allocate_bytes(KIB).unwrap());
+        let second = parse_exposition(&gpupool::telemetry::encode(&registry));
+        assert_eq!(sum_of(&first, "gpupool_hits_total"), 0.0);
+        assert_eq!(sum_of(&second, "gpupool_hits_total"), 1.0);
+        assert_eq!(sum_of(&second, "gpupool_requests_total"), 2.0);
+    }
 }
 
 #[test]

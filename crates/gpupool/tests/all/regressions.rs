@@ -5,7 +5,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use gpupool::backend::sim::{SimBackend, SimConfig};
-use gpupool::backend::{BackendError, MemoryInfo};
+use gpupool::backend::{BackendError, MemoryInfo, StreamOrdered, Zeroing};
 use gpupool::fence::Fence;
 use gpupool::{Backend, Block, MemoryKind, MemoryManager, PoolConfig, StreamId, TrimLevel};
 
@@ -35,17 +35,20 @@ impl Backend for FlakyZero {
     fn memory_info(&self) -> Option<MemoryInfo> {
         self.sim.memory_info()
     }
-    fn record_fence(&self, stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
-        self.sim.record_fence(stream)
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        self.sim.stream_ordered()
     }
-    fn synchronize(&self) -> Result<(), BackendError> {
-        self.sim.synchronize()
+    fn zeroing(&self) -> Option<&dyn Zeroing> {
+        Some(self)
     }
+}
+
+impl Zeroing for FlakyZero {
     fn zero(&self, block: &Block, stream: StreamId) -> Result<(), BackendError> {
         if self.fail.load(Ordering::SeqCst) {
             Err(BackendError::Driver("injected zero failure".into()))
         } else {
-            self.sim.zero(block, stream)
+            self.sim.zeroing().expect("sim zeroes").zero(block, stream)
         }
     }
 }
@@ -365,9 +368,9 @@ fn b5_prewarm_fills_what_requests_of_that_size_use() {
     );
 }
 
-/// The sim device, counting `wait_for_stream` calls, and failing them while `fail` is set.
+/// Host memory on a stream-ordered device, counting `wait_for_stream` calls, and failing them
+/// while `fail` is set.
 struct StreamWaits {
-    sim: SimBackend,
     waits: Arc<std::sync::atomic::AtomicUsize>,
     fail: Arc<AtomicBool>,
 }
@@ -386,12 +389,24 @@ impl Backend for StreamWaits {
     fn release(&self, block: Block) {
         gpupool::backend::host::HostBackend::new().release(block)
     }
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        Some(self)
+    }
+}
+
+impl StreamOrdered for StreamWaits {
+    fn record_fence(&self, _stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
+        Ok(Arc::new(gpupool::fence::CompletedFence))
+    }
+    fn synchronize(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
     fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
         self.waits.fetch_add(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
             Err(BackendError::Driver("injected stream failure".into()))
         } else {
-            self.sim.synchronize()
+            Ok(())
         }
     }
 }
@@ -404,7 +419,6 @@ fn host_visible_access_waits_for_the_stream_once_per_buffer() {
     let waits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let fail = Arc::new(AtomicBool::new(false));
     let backend = StreamWaits {
-        sim: SimBackend::default(),
         waits: waits.clone(),
         fail: fail.clone(),
     };

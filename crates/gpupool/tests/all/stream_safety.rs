@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use gpupool::backend::sim::SimBackend;
-use gpupool::backend::{BackendError, MemoryInfo};
+use gpupool::backend::{BackendError, MemoryInfo, StreamOrdered};
 use gpupool::fence::Fence;
 use gpupool::{
     AllocOptions, Backend, Block, MemoryKind, MemoryManager, PoolConfig, PooledBuffer, StreamId,
@@ -185,27 +185,35 @@ impl Backend for StreamModel {
     fn memory_info(&self) -> Option<MemoryInfo> {
         self.sim.memory_info()
     }
-    fn record_fence(&self, stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        Some(self)
+    }
+}
+
+impl StreamOrdered for StreamModel {
+    fn record_fence(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
         let index = self.clocks.index(stream);
         self.fences_recorded.fetch_add(1, Ordering::Relaxed);
         if self.fence_record_yields {
             std::thread::yield_now();
         }
-        Ok(Some(Arc::new(TicketFence {
+        Ok(Arc::new(TicketFence {
             clocks: self.clocks.clone(),
             stream: index,
             ticket: self.clocks.submitted[index].load(Ordering::SeqCst),
-        })))
+        }))
     }
     fn synchronize(&self) -> Result<(), BackendError> {
         // Counted in the sim ledger too, so a report can show whether recovery ran.
-        self.sim.synchronize()?;
+        self.sim
+            .stream_ordered()
+            .map_or(Ok(()), |sim| sim.synchronize())?;
         for (submitted, completed) in self.clocks.submitted.iter().zip(&self.clocks.completed) {
             completed.fetch_max(submitted.load(Ordering::SeqCst), Ordering::SeqCst);
         }
         Ok(())
     }
-    fn zero(&self, _block: &Block, _stream: StreamId) -> Result<(), BackendError> {
+    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
 use super::driver::{self, describe, HeldContext};
-use crate::fence::Fence;
+use crate::backend::Fence;
 
 /// "All work queued on one stream before this point", as a CUDA event.
 pub(super) struct EventFence {

@@ -24,23 +24,20 @@
 //!   (non-blocking streams that live as long as the backend) or from
 //!   [`CudaBackend::register_stream`] for streams made elsewhere; an unknown id is refused
 //!   rather than passed to the driver, because a made-up handle is undefined behaviour there.
-//! - **GPU lifetime.** [`Backend::record_fence`] records a CUDA event on a stream; the pool
+//! - **GPU lifetime.** [`StreamOrdered::record_fence`] records a CUDA event on a stream; the pool
 //!   reuses a block on another stream only after that event completed (see `crate::fence`).
-//!   [`Backend::synchronize`] is `cuCtxSynchronize`, and [`Backend::zero`] is a
+//!   [`StreamOrdered::synchronize`] is `cuCtxSynchronize`, and [`Zeroing::zero`] is a
 //!   `cuMemsetD8Async` on the requesting stream, so it runs after the previous owner's work on
 //!   that stream and before the new owner's. Because both may still be queued when a
 //!   host-visible buffer is handed out, its first host access waits for the stream
-//!   ([`Backend::wait_for_stream`], `cuStreamSynchronize`).
+//!   ([`StreamOrdered::wait_for_stream`], `cuStreamSynchronize`).
 //! - **Errors.** `CUDA_ERROR_OUT_OF_MEMORY` becomes [`BackendError::OutOfMemory`] (the pool
 //!   releases idle blocks and retries); a device request above the device's total memory is
 //!   [`BackendError::TooLarge`]; everything else is [`BackendError::Driver`] with the driver's
 //!   name and words for the error.
-//!
-//! [`peers`] holds the driver's own allocators, which the benchmark measures beside the pool.
 
 mod driver;
 mod fence;
-pub mod peers;
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -56,9 +53,10 @@ use cudarc::driver::{sys, CudaContext};
 
 use self::driver::{backend_error, pool_error, Bound, HeldContext, StreamRegistry};
 use self::fence::EventFence;
-use super::{Backend, BackendError, Block, MemoryInfo, MemoryKind, StreamId};
+use super::{
+    Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, StreamId, StreamOrdered, Zeroing,
+};
 use crate::error::PoolError;
-use crate::fence::Fence;
 use crate::size_class::BLOCK_ALIGN;
 
 /// High bits of every block token this backend makes. The low bits number the backend
@@ -339,11 +337,21 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn record_fence(&self, stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        Some(self)
+    }
+
+    fn zeroing(&self) -> Option<&dyn Zeroing> {
+        Some(self)
+    }
+}
+
+impl StreamOrdered for CudaBackend {
+    fn record_fence(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
         let handle = self.streams.handle(stream)?;
         let _bound = self.bind().map_err(backend_error)?;
         let fence = EventFence::record(&self.ctx, handle).map_err(backend_error)?;
-        Ok(Some(Arc::new(fence)))
+        Ok(Arc::new(fence))
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
@@ -358,7 +366,9 @@ impl Backend for CudaBackend {
         // registry checked it), and the context is current.
         unsafe { result::stream::synchronize(handle) }.map_err(backend_error)
     }
+}
 
+impl Zeroing for CudaBackend {
     fn zero(&self, block: &Block, stream: StreamId) -> Result<(), BackendError> {
         if block.token() != self.token {
             return Err(BackendError::Driver(

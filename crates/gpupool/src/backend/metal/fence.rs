@@ -12,7 +12,7 @@ use objc2::runtime::ProtocolObject;
 use objc2::Message;
 use objc2_metal::{MTLCommandBuffer, MTLCommandBufferStatus};
 
-use crate::fence::Fence;
+use crate::backend::Fence;
 
 /// Completes when a Metal command buffer has finished on the GPU (or failed).
 ///

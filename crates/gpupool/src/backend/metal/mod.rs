@@ -36,7 +36,7 @@
 //!
 //! # GPU lifetime
 //!
-//! Metal has no stream the pool could mark, so [`Backend::record_fence`] returns `Ok(None)`
+//! Metal has no stream the pool could mark, so [`Backend::stream_ordered`] is `None`
 //! and [`StreamId`] is only a label here (use [`StreamId::DEFAULT`]). What keeps a block from a
 //! new owner while queued work still uses it is a [`CommandBufferFence`] the user attaches with
 //! `PooledBuffer::used_by`; it must be created before the command buffer is committed (it
@@ -44,7 +44,7 @@
 //! without such a fence is reused at once: on Metal every buffer that committed GPU work uses
 //! must be tied to that work with `used_by`.
 //!
-//! [`Backend::synchronize`] is a no-op: a command buffer created with `commandBuffer` keeps a
+//! Nothing needs waiting for at release: a command buffer created with `commandBuffer` keeps a
 //! strong reference to every buffer encoded into it until it completes, so releasing a block
 //! that queued work still uses drops only the pool's reference and the memory lives on until
 //! the GPU is done. Command buffers made with `commandBufferWithUnretainedReferences` do not,
@@ -115,10 +115,11 @@ pub use objc2;
 /// The Metal bindings this backend is built on, so callers use the same version.
 pub use objc2_metal;
 
-use super::{Backend, BackendError, Block, MemoryInfo, MemoryKind, StreamId};
-use crate::buffer::PooledBuffer;
+use super::{
+    Backend, BackendError, Block, DeviceAddress, MemoryInfo, MemoryKind, Purgeable, StreamId,
+    StreamOrdered, Zeroing,
+};
 use crate::error::PoolError;
-use crate::fence::Fence;
 use crate::size_class::BLOCK_ALIGN;
 
 // `MTLCreateSystemDefaultDevice` returns no device unless CoreGraphics is linked (objc2-metal's
@@ -279,7 +280,7 @@ impl MetalBackend {
     ///
     /// The returned handle keeps the Metal object alive, not the block: once the
     /// `PooledBuffer` is dropped, the memory may go to a new owner.
-    pub fn metal_buffer<T>(&self, buffer: &PooledBuffer<T>) -> Option<MetalBuffer> {
+    pub fn metal_buffer(&self, buffer: &impl DeviceAddress) -> Option<MetalBuffer> {
         self.metal_buffer_at(buffer.device_address())
     }
 
@@ -520,27 +521,28 @@ impl Backend for MetalBackend {
         })
     }
 
-    /// `Ok(None)`: Metal has no stream the pool could put a marker on (command buffers belong
-    /// to the caller's queues, and their completion order is not the pool's to assume), so
+    /// `None`: Metal has no stream the pool could put a marker on (command buffers belong to
+    /// the caller's queues, and their completion order is not the pool's to assume), so
     /// [`StreamId`]s are labels only. GPU lifetime comes from [`CommandBufferFence`]s attached
-    /// with `PooledBuffer::used_by`.
-    fn record_fence(&self, _stream: StreamId) -> Result<Option<Arc<dyn Fence>>, BackendError> {
-        Ok(None)
+    /// with `PooledBuffer::used_by`. Nor is there anything to wait for at release: a command
+    /// buffer created with `commandBuffer` holds a strong reference to every buffer encoded
+    /// into it until it completes, so releasing a block that queued work still uses only drops
+    /// the pool's reference, and Metal frees the memory after the GPU is done. Command buffers
+    /// with unretained references are unsupported (see the module documentation).
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        None
     }
 
-    /// Nothing to wait for: a command buffer created with `commandBuffer` holds a strong
-    /// reference to every buffer encoded into it until it completes, so releasing a block that
-    /// queued work still uses only drops the pool's reference, and Metal frees the memory
-    /// after the GPU is done. Command buffers with unretained references are unsupported (see
-    /// the module documentation).
-    fn synchronize(&self) -> Result<(), BackendError> {
-        Ok(())
+    fn zeroing(&self) -> Option<&dyn Zeroing> {
+        Some(self)
     }
 
-    fn purgeable_idle_blocks(&self) -> bool {
-        self.purgeable
+    fn purgeable(&self) -> Option<&dyn Purgeable> {
+        self.purgeable.then_some(self as &dyn Purgeable)
     }
+}
 
+impl Purgeable for MetalBackend {
     fn make_purgeable(&self, block: &Block) {
         if purgeable_kind(block.kind()) {
             let marked = self.with_registered(block, |buffer, _| {
@@ -565,7 +567,9 @@ impl Backend for MetalBackend {
         // A foreign block is never handed out.
         .is_some_and(|previous| previous != MTLPurgeableState::Empty)
     }
+}
 
+impl Zeroing for MetalBackend {
     fn zero(&self, block: &Block, _stream: StreamId) -> Result<(), BackendError> {
         let entry = self
             .with_registered(block, |buffer, offset| {

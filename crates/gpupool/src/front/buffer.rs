@@ -14,7 +14,7 @@
 //! A block is handed out at once on the stream its previous owner used, in stream order: the
 //! previous owner's kernels, and the zeroing of `zero_on_reuse`, may still be queued there. The
 //! device sees them in order; the host does not. So the first host access of a buffer waits
-//! for its stream (`Backend::wait_for_stream`, a no-op on synchronous backends), once; after
+//! for its stream (`StreamOrdered::wait_for_stream`; synchronous backends have none), once; after
 //! that, host access and the owner's own queued work are the owner's to order, as with any
 //! pinned memory.
 
@@ -24,11 +24,11 @@ use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::backend::{MemoryKind, StreamId};
-use crate::class_cache::BlockRecord;
+use crate::backend::{DeviceAddress, Fence};
 use crate::error::PoolError;
-use crate::fence::{Fence, Pending};
-use crate::pool_manager::{Allocation, PoolManager, BYPASS, LARGE_BASE};
+use crate::kind::{MemoryKind, StreamId};
+use crate::pool_manager::{Allocation, PoolManager, Record, Route};
+use crate::pools::pending::Pending;
 
 #[derive(Default)]
 struct BufferGates {
@@ -48,11 +48,11 @@ struct BufferGates {
 /// drop(buffer); // back to the 4 KiB class, ready for the next request
 /// ```
 pub struct PooledBuffer<T> {
-    record: ManuallyDrop<Box<BlockRecord>>,
+    record: ManuallyDrop<Box<Record>>,
     len: usize,
     requested_bytes: usize,
     device: u32,
-    cache: u32,
+    route: Route,
     stream: StreamId,
     /// Fences and extra streams, boxed because almost no buffer has any.
     gates: Option<Box<BufferGates>>,
@@ -82,7 +82,7 @@ impl<T> PooledBuffer<T> {
             len,
             requested_bytes,
             device: device as u32,
-            cache: allocation.cache,
+            route: allocation.route,
             stream,
             gates: None,
             host_ready: AtomicBool::new(false),
@@ -128,12 +128,12 @@ impl<T> PooledBuffer<T> {
     /// Whether the request went straight to the backend (above every pooled size, or with
     /// pooling off).
     pub fn is_bypass(&self) -> bool {
-        self.cache == BYPASS
+        self.route == Route::Bypass
     }
 
     /// Whether the block was split out of a large segment.
     pub fn is_large(&self) -> bool {
-        self.cache >= LARGE_BASE && self.cache != BYPASS
+        matches!(self.route, Route::Large(_))
     }
 
     /// The address device code uses (a `CUdeviceptr`, a Metal GPU address, a host address).
@@ -198,7 +198,7 @@ impl<T: bytemuck::Pod> PooledBuffer<T> {
         if !self.host_ready.load(Ordering::Acquire) {
             let backend = self.pool().backend(self.device as usize);
             backend
-                .wait_for_stream(self.stream)
+                .wait_for(self.stream)
                 .map_err(|error| PoolError::Backend {
                     backend: backend.name().to_string(),
                     message: format!("waiting for the buffer's stream before host access: {error}"),
@@ -206,6 +206,12 @@ impl<T: bytemuck::Pod> PooledBuffer<T> {
             self.host_ready.store(true, Ordering::Release);
         }
         Ok(ptr)
+    }
+}
+
+impl<T> DeviceAddress for PooledBuffer<T> {
+    fn device_address(&self) -> u64 {
+        self.record.block.device_address()
     }
 }
 
@@ -243,13 +249,15 @@ impl<T> PooledBuffer<T> {
         } = gates;
         let backend = self.pool().backend(self.device as usize);
         for stream in extra_streams {
-            match backend.record_fence(stream) {
-                Ok(Some(fence)) => fences.push(fence),
-                Ok(None) => {}
+            let Some(streams) = backend.stream_ordered() else {
+                continue; // nothing asynchronous to wait for
+            };
+            match streams.record_fence(stream) {
+                Ok(fence) => fences.push(fence),
                 Err(error) => {
                     // Without a fence the block could be reused too early: wait instead.
                     tracing::warn!(?error, "record_fence failed at drop; synchronising");
-                    let _ = backend.synchronize();
+                    let _ = streams.synchronize();
                 }
             }
         }
@@ -280,7 +288,7 @@ impl<T> Drop for PooledBuffer<T> {
         // lock release is the last access `give_back` makes to the pool after caching, as with
         // any mutex another thread may free once it is unlocked.
         let owner =
-            unsafe { &*pool }.give_back(device, self.cache, record, pending, self.requested_bytes);
+            unsafe { &*pool }.give_back(device, self.route, record, pending, self.requested_bytes);
         // Possibly the pool's last reference: dropped only now that `give_back` has returned.
         drop(owner);
     }

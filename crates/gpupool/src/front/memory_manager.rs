@@ -8,11 +8,12 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, MemoryKind, StreamId};
-use crate::buffer::PooledBuffer;
+use super::buffer::PooledBuffer;
+use super::maintenance::Maintenance;
+use crate::backend::Backend;
 use crate::config::PoolConfig;
 use crate::error::PoolError;
-use crate::maintenance::Maintenance;
+use crate::kind::{MemoryKind, StreamId};
 use crate::pool_manager::{PoolManager, ReleaseReport, TrimLevel};
 use crate::size_class::BLOCK_ALIGN;
 use crate::stats::PoolStats;

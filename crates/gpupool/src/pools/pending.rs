@@ -3,7 +3,8 @@
 //! A block that queued GPU work may still read or write must not be handed out again until
 //! that work is done (the seed reused such blocks at once). A [`Fence`] is a backend's marker
 //! in a stream of work: a CUDA event, a Metal command buffer's completion. The rules, kept here
-//! so they are tested on every platform with fake fences:
+//! (above the backends, below the router) so they are tested on every platform with fake
+//! fences:
 //!
 //! - a block carries the fences its last owner attached (`used_by`, streams recorded at drop);
 //!   it is usable by nobody until all of them are complete;
@@ -29,24 +30,9 @@
 
 use std::sync::Arc;
 
-use crate::backend::StreamId;
+use crate::backend::{CompletedFence, Fence};
+use crate::kind::StreamId;
 use crate::sync::Mutex;
-
-/// A point in queued GPU work that completes once everything before it has run.
-pub trait Fence: Send + Sync {
-    /// Whether the work before the fence has finished. Must not block.
-    fn is_complete(&self) -> bool;
-}
-
-/// A fence that is already complete; handy for tests and synchronous backends.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CompletedFence;
-
-impl Fence for CompletedFence {
-    fn is_complete(&self) -> bool {
-        true
-    }
-}
 
 /// A fence on a block's own stream, recorded after the block was dropped, that lets any stream
 /// reuse the block once complete. It may be *promised* (attached to blocks under their shard

@@ -1,0 +1,121 @@
+//! The pools of one device, composed over its upstream (backend, budget, deferred release).
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use super::budget::Budget;
+use super::upstream::Upstream;
+use super::Owner;
+use crate::backend::Backend;
+use crate::config::PoolConfig;
+use crate::error::PoolError;
+use crate::kind::MemoryKind;
+use crate::pools::bypass::Bypass;
+use crate::pools::class_cache::ClassCache;
+use crate::pools::large_arena::LargePool;
+use crate::pools::Pool;
+
+/// The caches, arenas and accounting of one device.
+pub(super) struct DevicePool {
+    pub upstream: Upstream<Owner>,
+    pub kinds: Vec<MemoryKind>,
+    /// Index `class * kinds.len() + kind slot`.
+    pub caches: Box<[ClassCache<Owner>]>,
+    /// One large-block arena per kind slot.
+    pub large: Box<[LargePool<Owner>]>,
+    pub bypass: Bypass,
+    /// Whether the backend can purge idle blocks (`Backend::purgeable`), read once.
+    pub purgeable: bool,
+    /// Whether a cached block must pass a check before it serves a request (zeroing on reuse,
+    /// or whether the OS purged it); its hit is then counted after the check, never undone.
+    pub hits_need_checks: bool,
+    /// Requests above this many bytes go to `large` (`usize::MAX`: never).
+    pub large_threshold: usize,
+    pub failed_requests: AtomicU64,
+    /// Requests per cache at the previous `defragment`.
+    pub defragment_marks: Mutex<Vec<u64>>,
+}
+
+impl DevicePool {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        config: &PoolConfig,
+        shards: usize,
+    ) -> Result<DevicePool, PoolError> {
+        let kinds = backend.kinds().to_vec();
+        if kinds.is_empty() {
+            return Err(PoolError::InvalidConfig(format!(
+                "backend {} offers no memory kind",
+                backend.name()
+            )));
+        }
+        let caches: Box<[ClassCache<Owner>]> = config
+            .classes
+            .sizes()
+            .iter()
+            .flat_map(|&class_bytes| {
+                let cap = config.idle_cap(class_bytes);
+                kinds
+                    .iter()
+                    .map(move |_| ClassCache::new(class_bytes, cap, shards))
+            })
+            .collect();
+        let marks = vec![0; caches.len()];
+        let purgeable = backend.purgeable().is_some();
+        // Purgeable state belongs to a whole backend buffer (Metal), so blocks carved out of
+        // one segment cannot be purged one by one: such backends keep large requests in the
+        // classes.
+        let large_threshold = match config.large_threshold_bytes {
+            Some(threshold) if !purgeable => threshold,
+            _ => usize::MAX,
+        };
+        Ok(DevicePool {
+            upstream: Upstream::new(backend, Budget::new(config.budget_bytes)),
+            large: kinds.iter().map(|_| LargePool::default()).collect(),
+            kinds,
+            caches,
+            bypass: Bypass::default(),
+            purgeable,
+            hits_need_checks: purgeable || config.zero_on_reuse,
+            large_threshold,
+            failed_requests: AtomicU64::new(0),
+            defragment_marks: Mutex::new(marks),
+        })
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.upstream.backend
+    }
+
+    /// The kind a request gets, and its slot in this device's kinds.
+    #[inline(always)]
+    pub fn kind_slot(&self, kind: Option<MemoryKind>) -> Result<(MemoryKind, usize), PoolError> {
+        match kind {
+            None => Ok((self.kinds[0], 0)),
+            Some(kind) => self
+                .kinds
+                .iter()
+                .position(|&offered| offered == kind)
+                .map(|slot| (kind, slot))
+                .ok_or_else(|| PoolError::UnsupportedKind {
+                    kind,
+                    backend: self.backend().name().to_string(),
+                }),
+        }
+    }
+
+    /// Every pool of the device, for what all pools do alike (trims, maintenance).
+    pub fn pools(&self) -> impl Iterator<Item = &dyn Pool<Owner>> + '_ {
+        let caches = self.caches.iter().map(|cache| cache as &dyn Pool<Owner>);
+        let arenas = self.large.iter().map(|large| large as &dyn Pool<Owner>);
+        caches
+            .chain(arenas)
+            .chain(std::iter::once(&self.bypass as &dyn Pool<Owner>))
+    }
+
+    /// Bytes committed to the budget now.
+    pub fn reserved_now(&self) -> u64 {
+        self.upstream.budget.committed()
+    }
+}

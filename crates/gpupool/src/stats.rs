@@ -1,9 +1,9 @@
-//! Statistics snapshots and DESIGN.md's derived metrics.
+//! Statistics snapshots and docs/design.md's derived metrics.
 //!
 //! A [`PoolStats`] is taken with every shard of every class locked at once, so its figures
 //! describe one instant and satisfy the identities exactly:
 //! `reserved = in use + cached` and `backend allocations − backend releases = blocks held`.
-//! Derived metrics use the definitions of DESIGN.md, never the seed's (its "allocation
+//! Derived metrics use the definitions of docs/design.md, never the seed's (its "allocation
 //! reduction" was the hit rate renamed):
 //!
 //! | metric | formula |

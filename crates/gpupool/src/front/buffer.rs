@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::backend::{DeviceAddress, Fence};
 use crate::error::PoolError;
 use crate::kind::{MemoryKind, StreamId};
-use crate::pool_manager::{Allocation, PoolManager, Record, Route};
+use crate::pool_manager::{Allocation, PoolManager, Record, Route, Target};
 use crate::pools::pending::Pending;
 
 #[derive(Default)]
@@ -128,12 +128,12 @@ impl<T> PooledBuffer<T> {
     /// Whether the request went straight to the backend (above every pooled size, or with
     /// pooling off).
     pub fn is_bypass(&self) -> bool {
-        self.route == Route::Bypass
+        self.route == Route::BYPASS
     }
 
     /// Whether the block was split out of a large segment.
     pub fn is_large(&self) -> bool {
-        matches!(self.route, Route::Large(_))
+        matches!(self.route.target(), Target::Large(_))
     }
 
     /// The address device code uses (a `CUdeviceptr`, a Metal GPU address, a host address).

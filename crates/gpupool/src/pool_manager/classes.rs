@@ -67,7 +67,7 @@ impl PoolManager {
         Pool::record_served(cache, request, true);
         Ok(Allocation {
             record,
-            route: Route::Class(index),
+            route: Route::class(index),
         })
     }
 
@@ -120,7 +120,7 @@ impl PoolManager {
             }
             return Ok(Allocation {
                 record: idle.record,
-                route: Route::Class(index),
+                route: Route::class(index),
             });
         }
         self.fence_foreign_blocks(pool, index, stream);
@@ -140,7 +140,7 @@ impl PoolManager {
         );
         Ok(Allocation {
             record: BlockRecord::boxed(block, self.this.upgrade()),
-            route: Route::Class(index),
+            route: Route::class(index),
         })
     }
 

@@ -76,7 +76,7 @@ impl PoolManager {
         if served {
             return Ok(Allocation {
                 record,
-                route: Route::Large(slot),
+                route: Route::large(slot),
             });
         }
         if let Err(error) = self.zero_if_asked(pool, &record.block, requested_bytes, stream) {
@@ -88,7 +88,7 @@ impl PoolManager {
         Pool::record_served(large, &request, hit);
         Ok(Allocation {
             record,
-            route: Route::Large(slot),
+            route: Route::large(slot),
         })
     }
 
@@ -136,7 +136,7 @@ impl PoolManager {
         pool.bypass.served(block.bytes(), requested_bytes);
         Ok(Allocation {
             record: BlockRecord::boxed(block, self.this.upgrade()),
-            route: Route::Bypass,
+            route: Route::BYPASS,
         })
     }
 

@@ -2,7 +2,7 @@
 //! the CUDA driver API (`cudarc`, with libcuda loaded at run time, so the crate builds and its
 //! tests run on machines without a toolkit or a driver).
 //!
-//! It is a thin layer (DESIGN.md: backends hold only the FFI calls and their safety reasoning):
+//! It is a thin layer (docs/design.md: backends hold only the FFI calls and their safety reasoning):
 //!
 //! - **Raw driver calls.** Blocks come from `cudarc::driver::result` (`cuMemAlloc`,
 //!   `cuMemHostAlloc`), not from `CudaSlice`, whose `Drop` would free memory behind the pool's

@@ -36,6 +36,7 @@
 //!   [`BackendError::TooLarge`]; everything else is [`BackendError::Driver`] with the driver's
 //!   name and words for the error.
 
+mod capabilities;
 mod driver;
 mod fence;
 
@@ -346,47 +347,6 @@ impl Backend for CudaBackend {
     }
 }
 
-impl StreamOrdered for CudaBackend {
-    fn record_fence(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
-        let handle = self.streams.handle(stream)?;
-        let _bound = self.bind().map_err(backend_error)?;
-        let fence = EventFence::record(&self.ctx, handle).map_err(backend_error)?;
-        Ok(Arc::new(fence))
-    }
-
-    fn synchronize(&self) -> Result<(), BackendError> {
-        let _bound = self.bind().map_err(backend_error)?;
-        result::ctx::synchronize().map_err(backend_error)
-    }
-
-    fn wait_for_stream(&self, stream: StreamId) -> Result<(), BackendError> {
-        let handle = self.streams.handle(stream)?;
-        let _bound = self.bind().map_err(backend_error)?;
-        // SAFETY: `handle` is the default stream or a live stream of this context (the
-        // registry checked it), and the context is current.
-        unsafe { result::stream::synchronize(handle) }.map_err(backend_error)
-    }
-}
-
-impl Zeroing for CudaBackend {
-    fn zero(&self, block: &Block, stream: StreamId) -> Result<(), BackendError> {
-        if block.token() != self.token {
-            return Err(BackendError::Driver(
-                "cannot zero a block this CUDA backend did not allocate".to_string(),
-            ));
-        }
-        let handle = self.streams.handle(stream)?;
-        let _bound = self.bind().map_err(backend_error)?;
-        // SAFETY: the token shows the block is one of ours and still allocated (a released
-        // block was moved into `release`), so its device address is valid in this context for
-        // `bytes` bytes, device memory or mapped host memory alike. The caller holds the block
-        // exclusively. `handle` is the default stream or a live stream of this context (the
-        // registry checked it); the memset runs after the work queued on it before.
-        unsafe { result::memset_d8_async(block.device_address(), 0, block.bytes(), handle) }
-            .map_err(backend_error)
-    }
-}
-
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Every block is gone by now: the pool, which owns this backend, released them all.
@@ -421,51 +381,4 @@ impl fmt::Debug for CudaBackend {
 }
 
 #[cfg(test)]
-mod tests {
-    //! What can be checked without a driver; the device tests are in `tests/all/cuda.rs`.
-    use super::*;
-
-    #[test]
-    fn stream_ids_and_handles_convert_both_ways() {
-        assert!(CudaBackend::stream_handle(StreamId::DEFAULT).is_null());
-        let handle = CudaBackend::stream_handle(StreamId(0x7f00_1234_5600));
-        assert_eq!(handle as usize as u64, 0x7f00_1234_5600);
-    }
-
-    #[test]
-    fn out_of_memory_stays_retryable() {
-        let error = cudarc::driver::DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY);
-        assert_eq!(backend_error(error), BackendError::OutOfMemory);
-    }
-
-    #[test]
-    fn probing_never_panics_and_agrees_with_the_device_count() {
-        let available = CudaBackend::driver_available();
-        assert_eq!(available, CudaBackend::device_count() > 0);
-        if !available {
-            match CudaBackend::new(0) {
-                Err(PoolError::Backend { backend, message }) => {
-                    assert_eq!(backend, "cuda");
-                    assert!(message.contains("no CUDA driver"), "{message}");
-                }
-                other => panic!("expected a backend error without a driver, got {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn unknown_streams_are_refused_without_a_driver_call() {
-        let registry = StreamRegistry::default();
-        assert!(registry.handle(StreamId::DEFAULT).unwrap().is_null());
-        assert!(matches!(
-            registry.handle(StreamId(0xdead_0000)),
-            Err(BackendError::Driver(_))
-        ));
-        let lent = registry.register(0xbeef_0000usize as sys::CUstream);
-        assert_eq!(lent, StreamId(0xbeef_0000));
-        assert_eq!(registry.handle(lent).unwrap() as usize, 0xbeef_0000);
-        // Lent streams are not destroyed by the registry, so no driver call happens here.
-        registry.destroy_owned();
-        assert!(registry.handle(lent).is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,46 @@
+//! What can be checked without a driver; the device tests are in `tests/all/cuda.rs`.
+use super::*;
+
+#[test]
+fn stream_ids_and_handles_convert_both_ways() {
+    assert!(CudaBackend::stream_handle(StreamId::DEFAULT).is_null());
+    let handle = CudaBackend::stream_handle(StreamId(0x7f00_1234_5600));
+    assert_eq!(handle as usize as u64, 0x7f00_1234_5600);
+}
+
+#[test]
+fn out_of_memory_stays_retryable() {
+    let error = cudarc::driver::DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY);
+    assert_eq!(backend_error(error), BackendError::OutOfMemory);
+}
+
+#[test]
+fn probing_never_panics_and_agrees_with_the_device_count() {
+    let available = CudaBackend::driver_available();
+    assert_eq!(available, CudaBackend::device_count() > 0);
+    if !available {
+        match CudaBackend::new(0) {
+            Err(PoolError::Backend { backend, message }) => {
+                assert_eq!(backend, "cuda");
+                assert!(message.contains("no CUDA driver"), "{message}");
+            }
+            other => panic!("expected a backend error without a driver, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn unknown_streams_are_refused_without_a_driver_call() {
+    let registry = StreamRegistry::default();
+    assert!(registry.handle(StreamId::DEFAULT).unwrap().is_null());
+    assert!(matches!(
+        registry.handle(StreamId(0xdead_0000)),
+        Err(BackendError::Driver(_))
+    ));
+    let lent = registry.register(0xbeef_0000usize as sys::CUstream);
+    assert_eq!(lent, StreamId(0xbeef_0000));
+    assert_eq!(registry.handle(lent).unwrap() as usize, 0xbeef_0000);
+    // Lent streams are not destroyed by the registry, so no driver call happens here.
+    registry.destroy_owned();
+    assert!(registry.handle(lent).is_err());
+}

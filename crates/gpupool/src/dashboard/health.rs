@@ -1,6 +1,6 @@
 //! The pool's health status: the seed's rule on reuse, extended with memory.
 //!
-//! 1. **Reuse** (the seed's rule, on DESIGN.md's metrics): *Healthy* when the hit rate is at
+//! 1. **Reuse** (the seed's rule, on docs/design.md's metrics): *Healthy* when the hit rate is at
 //!    least 0.9 and the allocation reduction at least 85 %; *Good* at 0.7 and 70 %; *Fair* at
 //!    0.5 and 50 %; else *Needs Attention*.
 //! 2. **Memory** caps that level, because a pool that reuses well while the device runs out is

@@ -2,7 +2,7 @@
 //!
 //! Everything here renders a [`PoolStats`](crate::PoolStats) snapshot and nothing else: it never locks the pool
 //! or reads a clock, so it can run anywhere, on a snapshot from any time, and gives the same
-//! text for the same snapshot. Figures are DESIGN.md's, as the snapshot computes them; the judgements
+//! text for the same snapshot. Figures are docs/design.md's, as the snapshot computes them; the judgements
 //! built on them each live in one file with their rule written down:
 //!
 //! - [`render()`]: the terminal dashboard, in the seed's sections, within 80 columns;

@@ -1,6 +1,6 @@
 //! The statistics dashboard: a [`PoolStats`] as text for a terminal, in the seed's sections.
 //!
-//! Sections, in order: header; Overall Statistics; Performance Metrics (DESIGN.md's ratios and
+//! Sections, in order: header; Overall Statistics; Performance Metrics (docs/design.md's ratios and
 //! the sampled latency per class); Pool Size Breakdown (one row per class: size, kind,
 //! requests, hit rate, live and cached blocks, cached bytes, efficiency score); Efficiency
 //! Analysis (star rating, health, recommendations); Memory Distribution (the ten classes with
@@ -428,7 +428,7 @@ fn footer(page: &mut Page) {
     page.blank();
     page.line(&"═".repeat(RULE));
     page.line(&format!(
-        "  gpupool {} · metrics as defined in DESIGN.md",
+        "  gpupool {} · metrics as defined in docs/design.md",
         env!("CARGO_PKG_VERSION")
     ));
 }

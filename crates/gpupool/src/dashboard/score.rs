@@ -18,7 +18,7 @@
 //! cached block is waste depends on the device, not the class. The seed mixed a 0–1 and a
 //! 0–100 scale here, which made two of its recommendations fire always; this is the only score.
 //!
-//! **Star rating** (the seed's thresholds, on DESIGN.md's allocation reduction, not the hit
+//! **Star rating** (the seed's thresholds, on docs/design.md's allocation reduction, not the hit
 //! rate): ≥ 90 % five stars "Excellent", ≥ 80 % four "Very Good", ≥ 70 % three "Good",
 //! ≥ 50 % two "Fair", else one "Poor".
 #![forbid(unsafe_code)]

@@ -1,7 +1,7 @@
 //! The compact one-line summary for logs, in the seed's shape:
 //! `Pool Stats: N allocs, X% hit rate, Y% reduction, Peak: Z, Health: H`.
 //!
-//! N is the number of requests, X the hit rate, Y DESIGN.md's allocation reduction (not the
+//! N is the number of requests, X the hit rate, Y docs/design.md's allocation reduction (not the
 //! hit rate again, as in the seed), Z the peak reserved bytes and H the health status.
 #![forbid(unsafe_code)]
 

@@ -128,7 +128,7 @@ fn assert_renders_cleanly(stats: &PoolStats) {
 fn footer() -> String {
     format!(
         "══════════════════════════════════════════════════════════════════════════════\n  \
-         gpupool {} · metrics as defined in DESIGN.md\n",
+         gpupool {} · metrics as defined in docs/design.md\n",
         env!("CARGO_PKG_VERSION")
     )
 }

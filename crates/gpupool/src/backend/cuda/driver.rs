@@ -1,4 +1,4 @@
-//! Driver plumbing shared by the backend, its fences and the benchmark peers: whether libcuda
+//! Driver plumbing shared by the backend and its fences: whether libcuda
 //! can be used at all, opening a device's primary context, binding that context for the length
 //! of one call, the registry of streams a backend may name, and turning driver errors into the
 //! crate's errors.
@@ -50,7 +50,7 @@ pub(super) fn device_count() -> usize {
     result::device::get_count().map_or(0, |count| count.max(0) as usize)
 }
 
-/// A device's primary context as the backend, its fences and the peers hold it.
+/// A device's primary context as the backend and its fences hold it.
 ///
 /// cudarc's `CudaContext`, when its last `Arc` drops, binds itself to the dropping thread for
 /// good (and then releases the primary context). This holder gives the thread back the exact
@@ -233,7 +233,7 @@ struct RegisteredStream {
 /// a made-up stream handle. So every id other than the default stream is checked against the
 /// streams this owner created, or that a user registered through an `unsafe` call promising
 /// they are valid. The lookup takes a mutex and scans a few entries; only slow paths (fences,
-/// zeroing, the peers) do it.
+/// zeroing, host-access waits) do it.
 #[derive(Default)]
 pub(super) struct StreamRegistry {
     streams: Mutex<Vec<RegisteredStream>>,

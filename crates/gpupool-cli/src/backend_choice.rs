@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::ValueEnum;
 use gpupool::backend::host::HostBackend;
-use gpupool::backend::sim::SimBackend;
+use gpupool::backend::sim::{SimBackend, SimConfig};
 use gpupool::{Backend, PoolError};
 
 /// A backend named on the command line.
@@ -52,10 +52,13 @@ impl BackendName {
         }
         match resolved {
             BackendName::Host | BackendName::Auto => Ok(Arc::new(HostBackend::new())),
-            BackendName::Sim => Ok(Arc::new(match sim_capacity_bytes {
-                Some(capacity_bytes) => SimBackend::with_capacity(capacity_bytes),
-                None => SimBackend::default(),
-            })),
+            // A device like the H200 the CUDA replays run on: virtual memory with 2 MiB pages,
+            // so `sim` and `cuda` replays place and map blocks alike.
+            BackendName::Sim => Ok(Arc::new(SimBackend::new(SimConfig {
+                capacity_bytes: sim_capacity_bytes.unwrap_or(SimConfig::default().capacity_bytes),
+                virtual_memory: true,
+                ..SimConfig::default()
+            }))),
             BackendName::Cuda => create_cuda(),
             BackendName::Metal => create_metal(),
         }

@@ -33,6 +33,7 @@ pub struct PoolConfig {
     pub(crate) shards: usize,
     pub(crate) large_threshold_bytes: Option<usize>,
     pub(crate) max_idle_bytes_per_class: usize,
+    pub(crate) virtual_memory_pages: Option<usize>,
 }
 
 impl PoolConfig {
@@ -90,6 +91,11 @@ impl PoolConfig {
     pub fn large_threshold_bytes(&self) -> Option<usize> {
         self.large_threshold_bytes
     }
+    /// Whether large requests use the virtual-memory arena where the backend offers it, and
+    /// its page size: `Some(0)` means the backend's granularity.
+    pub fn virtual_memory_pages(&self) -> Option<usize> {
+        self.virtual_memory_pages
+    }
 }
 
 impl Default for PoolConfig {
@@ -115,6 +121,7 @@ pub struct PoolConfigBuilder {
     shards: Option<usize>,
     large_threshold_bytes: Option<usize>,
     max_idle_bytes_per_class: usize,
+    virtual_memory_pages: Option<usize>,
 }
 
 impl Default for PoolConfigBuilder {
@@ -131,6 +138,7 @@ impl Default for PoolConfigBuilder {
             zero_on_reuse: false,
             shards: None,
             large_threshold_bytes: Some(1 << 20),
+            virtual_memory_pages: Some(0),
             max_idle_bytes_per_class: 4 << 20,
         }
     }
@@ -207,6 +215,15 @@ impl PoolConfigBuilder {
         self
     }
 
+    /// Where the backend offers virtual memory (CUDA's VMM, the sim with `virtual_memory`),
+    /// requests above the large threshold go to one reserved address range with pages of this
+    /// many bytes mapped where blocks live (`Some(0)`, the default: the backend's granularity,
+    /// 2 MiB on CUDA; otherwise a multiple of it). `None` keeps the segment arena everywhere.
+    pub fn virtual_memory_pages(mut self, page_bytes: Option<usize>) -> Self {
+        self.virtual_memory_pages = page_bytes;
+        self
+    }
+
     /// Checks the settings and builds the configuration.
     pub fn build(self) -> Result<PoolConfig, PoolError> {
         let classes = SizeClasses::new(
@@ -260,6 +277,7 @@ impl PoolConfigBuilder {
             shards,
             large_threshold_bytes: self.large_threshold_bytes,
             max_idle_bytes_per_class: self.max_idle_bytes_per_class,
+            virtual_memory_pages: self.virtual_memory_pages,
         })
     }
 }

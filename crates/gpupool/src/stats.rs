@@ -98,7 +98,8 @@ pub struct ClassStats {
     pub miss_latency: LatencySummary,
 }
 
-/// Figures of the large-block arena: segments from the backend, split into best-fit blocks.
+/// Figures of the large-block arena: segments from the backend (or, with virtual memory, pages
+/// mapped into one reserved range), split into best-fit blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LargeStats {
     /// Requests served by the arena.
@@ -130,6 +131,10 @@ pub struct LargeStats {
     /// Segments allocated by `prewarm`, before any request.
     #[serde(default)]
     pub prewarmed_segments: u64,
+    /// Address space reserved by the virtual-memory arena (not memory: only mapped pages,
+    /// counted in `segment_bytes`, are).
+    #[serde(default)]
+    pub address_space_bytes: u64,
 }
 
 impl LargeStats {
@@ -148,6 +153,7 @@ impl LargeStats {
         self.splits += counters.splits;
         self.merges += counters.merges;
         self.prewarmed_segments += counters.prewarmed_segments;
+        self.address_space_bytes += counters.address_space_bytes;
     }
 }
 

@@ -179,6 +179,40 @@ pub trait Backend: Send + Sync + 'static {
     fn purgeable(&self) -> Option<&dyn Purgeable> {
         None
     }
+
+    /// Address space reserved up front and physical memory mapped into it page by page (CUDA's
+    /// virtual memory management), or `None`: the pool then takes whole segments instead.
+    fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
+        None
+    }
+}
+
+/// The capability of reserving device address space and mapping physical memory into it, of
+/// [`MemoryKind::Device`], readable and writable by the device.
+///
+/// With it, the pool keeps one contiguous range per device in which freed neighbours always
+/// merge, and holds physical memory only where blocks live (see `pools::vm_arena`).
+pub trait VirtualMemory {
+    /// Physical memory is created and mapped in multiples of this many bytes, at addresses
+    /// that are multiples of it.
+    fn granularity(&self) -> usize;
+
+    /// Reserves `bytes` (a multiple of the granularity) of address space: no memory yet. The
+    /// block describes the range; the pool hands out views of it and never releases it with
+    /// [`Backend::release`], only with [`VirtualMemory::unreserve`].
+    fn reserve(&self, bytes: usize) -> Result<Block, BackendError>;
+
+    /// Gives a reservation back; everything in it was unmapped first.
+    fn unreserve(&self, reservation: Block);
+
+    /// Creates `bytes` of physical memory and maps it at `address` (inside a reservation,
+    /// granularity-aligned), readable and writable by the device. Out of memory is
+    /// [`BackendError::OutOfMemory`], so the pool can release and retry.
+    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError>;
+
+    /// Unmaps what [`VirtualMemory::map`] mapped at `address` and releases its physical
+    /// memory. The pool calls it only once no queued work uses the range.
+    fn unmap(&self, address: u64, bytes: usize);
 }
 
 /// The capability of a backend whose work runs asynchronously, in streams.

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{
-    Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, StreamId, StreamOrdered, Zeroing,
+    Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, StreamId, StreamOrdered,
+    VirtualMemory, Zeroing,
 };
 use crate::size_class::BLOCK_ALIGN;
 
@@ -64,7 +65,13 @@ pub struct SimConfig {
     pub asynchronous: bool,
     /// The kinds offered; the first is the default.
     pub kinds: Vec<MemoryKind>,
+    /// Whether the device offers virtual memory ([`VirtualMemory`]): address space reserved
+    /// up front, physical pages of [`SIM_PAGE_BYTES`] mapped and counted as allocations.
+    pub virtual_memory: bool,
 }
+
+/// The simulated device's virtual-memory granularity (CUDA's on an H100 or H200).
+pub const SIM_PAGE_BYTES: usize = 2 << 20;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -76,6 +83,7 @@ impl Default for SimConfig {
             fault_kind: FaultKind::OutOfMemory,
             asynchronous: false,
             kinds: vec![MemoryKind::Device, MemoryKind::HostVisible],
+            virtual_memory: false,
         }
     }
 }
@@ -99,6 +107,8 @@ pub struct SimCounters {
     pub invalid_releases: u64,
     /// Calls to `synchronize`.
     pub synchronizations: u64,
+    /// Address space reserved through [`VirtualMemory`] (not memory).
+    pub reserved_address_bytes: u64,
 }
 
 struct Ledger {
@@ -304,6 +314,76 @@ impl Backend for SimBackend {
     /// Nothing to write: the sim holds no memory.
     fn zeroing(&self) -> Option<&dyn Zeroing> {
         Some(self)
+    }
+
+    fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
+        self.config
+            .virtual_memory
+            .then_some(self as &dyn VirtualMemory)
+    }
+}
+
+/// Reservations take addresses like allocations (never reused) but no capacity; a mapping is
+/// an allocation in the ledger (capacity, faults, live counts), keyed by its address.
+impl VirtualMemory for SimBackend {
+    fn granularity(&self) -> usize {
+        SIM_PAGE_BYTES
+    }
+
+    fn reserve(&self, bytes: usize) -> Result<Block, BackendError> {
+        if bytes % SIM_PAGE_BYTES != 0 {
+            return Err(BackendError::Driver(format!(
+                "reservation of {bytes} bytes is not a multiple of the granularity"
+            )));
+        }
+        let mut ledger = self.ledger();
+        let address = ledger.next_address.next_multiple_of(SIM_PAGE_BYTES as u64);
+        ledger.next_address = address + bytes as u64;
+        ledger.counters.reserved_address_bytes += bytes as u64;
+        // SAFETY: the block has no host pointer, so it promises nothing about host memory; the
+        // synthetic address range is this reservation's alone (addresses are never reused).
+        Ok(unsafe { Block::new(address, None, bytes, MemoryKind::Device, address) })
+    }
+
+    fn unreserve(&self, reservation: Block) {
+        self.ledger().counters.reserved_address_bytes -= reservation.bytes() as u64;
+    }
+
+    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
+        self.spend_latency(bytes);
+        let mut ledger = self.ledger();
+        ledger.attempts += 1;
+        let over_capacity = ledger.counters.live_bytes + bytes as u64 > self.config.capacity_bytes;
+        if over_capacity || self.injected_fault(&mut ledger) {
+            ledger.counters.refusals += 1;
+            return Err(match (over_capacity, self.config.fault_kind) {
+                (false, FaultKind::DriverError) => {
+                    BackendError::Driver("injected driver fault".into())
+                }
+                _ => BackendError::OutOfMemory,
+            });
+        }
+        if ledger.live.insert(address, bytes).is_some() {
+            ledger.counters.invalid_releases += 1; // mapped twice: as wrong as a double free
+        }
+        let counters = &mut ledger.counters;
+        counters.allocations += 1;
+        counters.live_allocations += 1;
+        counters.live_bytes += bytes as u64;
+        counters.peak_live_bytes = counters.peak_live_bytes.max(counters.live_bytes);
+        Ok(())
+    }
+
+    fn unmap(&self, address: u64, bytes: usize) {
+        let mut ledger = self.ledger();
+        match ledger.live.remove(&address) {
+            Some(mapped) if mapped == bytes => {
+                ledger.counters.releases += 1;
+                ledger.counters.live_allocations -= 1;
+                ledger.counters.live_bytes -= bytes as u64;
+            }
+            _ => ledger.counters.invalid_releases += 1,
+        }
     }
 }
 

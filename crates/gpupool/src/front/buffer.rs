@@ -131,9 +131,10 @@ impl<T> PooledBuffer<T> {
         self.route == Route::BYPASS
     }
 
-    /// Whether the block was split out of a large segment.
+    /// Whether the block came from the large arena (split out of a segment, or placed in the
+    /// virtual-memory arena's range).
     pub fn is_large(&self) -> bool {
-        matches!(self.route.target(), Target::Large(_))
+        matches!(self.route.target(), Target::Large(_) | Target::Virtual)
     }
 
     /// The address device code uses (a `CUdeviceptr`, a Metal GPU address, a host address).

@@ -14,6 +14,7 @@ use crate::kind::MemoryKind;
 use crate::pools::bypass::Bypass;
 use crate::pools::class_cache::ClassCache;
 use crate::pools::large_arena::LargePool;
+use crate::pools::vm_arena::VmArena;
 use crate::pools::Pool;
 
 /// The caches, arenas and accounting of one device.
@@ -30,8 +31,13 @@ pub(super) struct DevicePool {
     /// Whether a cached block must pass a check before it serves a request (zeroing on reuse,
     /// or whether the OS purged it); its hit is then counted after the check, never undone.
     pub hits_need_checks: bool,
-    /// Requests above this many bytes go to `large` (`usize::MAX`: never).
+    /// Requests above this many bytes go to `large` (`usize::MAX`: never), or to `virtual`
+    /// for the kind slot `virtual_slot`.
     pub large_threshold: usize,
+    /// The virtual-memory arena, where the backend offers virtual memory (Device memory only).
+    pub virtual_arena: Option<VmArena<Owner>>,
+    /// The kind slot `virtual_arena` serves.
+    pub virtual_slot: usize,
     pub failed_requests: AtomicU64,
     /// Requests per cache at the previous `defragment`.
     pub defragment_marks: Mutex<Vec<u64>>,
@@ -70,7 +76,18 @@ impl DevicePool {
             Some(threshold) if !purgeable => threshold,
             _ => usize::MAX,
         };
+        let virtual_slot = kinds
+            .iter()
+            .position(|&kind| kind == MemoryKind::Device)
+            .unwrap_or(usize::MAX);
+        let virtual_arena = if large_threshold == usize::MAX || virtual_slot == usize::MAX {
+            None
+        } else {
+            open_virtual_arena(backend.as_ref(), config)
+        };
         Ok(DevicePool {
+            virtual_arena,
+            virtual_slot,
             upstream: Upstream::new(backend, Budget::new(config.budget_bytes)),
             large: kinds.iter().map(|_| LargePool::default()).collect(),
             kinds,
@@ -117,5 +134,36 @@ impl DevicePool {
     /// Bytes committed to the budget now.
     pub fn reserved_now(&self) -> u64 {
         self.upstream.budget.committed()
+    }
+}
+
+/// Reserves the virtual-memory arena's address space: twice the device's memory, so that
+/// placement never runs out of addresses before the device runs out of memory. `None` (with a
+/// log line) where the backend has no virtual memory, the configuration turns it off, or the
+/// reservation fails: the segment arena serves instead.
+fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmArena<Owner>> {
+    let page_setting = config.virtual_memory_pages?;
+    let memory = backend.virtual_memory()?;
+    let granularity = memory.granularity().max(1);
+    let page_bytes = match page_setting {
+        0 => granularity,
+        bytes => bytes.next_multiple_of(granularity),
+    };
+    let capacity = backend.memory_info()?.total_bytes;
+    let address_bytes = usize::try_from(capacity.checked_mul(2)?)
+        .ok()?
+        .checked_next_multiple_of(page_bytes)?;
+    match memory.reserve(address_bytes) {
+        Ok(reservation) => {
+            tracing::info!(address_bytes, page_bytes, "virtual-memory arena reserved");
+            Some(VmArena::new(reservation, page_bytes))
+        }
+        Err(error) => {
+            tracing::warn!(
+                ?error,
+                "no address space for the virtual-memory arena; segments"
+            );
+            None
+        }
     }
 }

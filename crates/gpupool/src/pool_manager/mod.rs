@@ -22,6 +22,7 @@ mod route;
 mod snapshot;
 mod upkeep;
 mod upstream;
+mod virtual_arena;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -189,6 +190,9 @@ impl PoolManager {
             return Target::Bypass;
         }
         if bytes > pool.large_threshold {
+            if slot == pool.virtual_slot && pool.virtual_arena.is_some() {
+                return Target::Virtual;
+            }
             return Target::Large(slot as u32);
         }
         match self.config.classes.class_for(bytes) {
@@ -214,6 +218,7 @@ impl PoolManager {
         let result = match self.route(pool, bytes, slot) {
             Target::Class(index) => self.allocate_in_class(pool, index, bytes, kind, stream),
             Target::Large(slot) => self.allocate_large(pool, slot, bytes, kind, stream),
+            Target::Virtual => self.allocate_virtual(pool, bytes, stream),
             Target::Bypass => self.allocate_bypass(pool, bytes, kind),
         };
         if result.is_err() {
@@ -301,6 +306,7 @@ impl PoolManager {
             Target::Large(slot) => {
                 self.give_back_large(pool, slot, record, pending, requested_bytes)
             }
+            Target::Virtual => self.give_back_virtual(pool, record, pending, requested_bytes),
             Target::Bypass => self.give_back_bypass(pool, record, pending, requested_bytes),
         }
     }
@@ -349,11 +355,12 @@ impl Drop for PoolManager {
                 .iter()
                 .flat_map(|large| large.remove_all_segments())
                 .collect();
-            if !segments.is_empty() {
+            if !segments.is_empty() || pool.virtual_arena.is_some() {
                 let _ = pool.backend().wait_for_all();
                 for segment in segments {
                     pool.upstream.release_now(segment.into_block());
                 }
+                self.close_virtual_arena(pool);
             }
         }
     }

@@ -34,6 +34,9 @@ impl PoolManager {
             if !self.pooling() || count == 0 {
                 return Ok(0);
             }
+            if slot == pool.virtual_slot && pool.virtual_arena.is_some() {
+                return self.prewarm_virtual(pool, bytes, count, stream);
+            }
             return self.prewarm_large(pool, slot, bytes, count, kind, stream);
         }
         let class = self

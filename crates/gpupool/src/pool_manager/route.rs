@@ -18,6 +18,8 @@ pub(crate) enum Target {
     Class(u32),
     /// The large arena of this kind slot.
     Large(u32),
+    /// The virtual-memory arena.
+    Virtual,
     /// Straight to the backend and back.
     Bypass,
 }
@@ -27,6 +29,8 @@ impl Route {
     const FIRST_LARGE: u32 = u32::MAX - 64;
     /// Straight to the backend and back.
     pub const BYPASS: Route = Route(u32::MAX);
+    /// The virtual-memory arena.
+    pub const VIRTUAL: Route = Route(u32::MAX - 1);
 
     /// The class cache at `index` (far below the large codes: classes × kinds is small).
     #[inline(always)]
@@ -37,7 +41,7 @@ impl Route {
 
     /// The large arena of kind slot `slot`.
     pub fn large(slot: u32) -> Route {
-        debug_assert!(slot < u32::MAX - Route::FIRST_LARGE);
+        debug_assert!(slot < u32::MAX - 1 - Route::FIRST_LARGE);
         Route(Route::FIRST_LARGE + slot)
     }
 
@@ -48,6 +52,8 @@ impl Route {
             Target::Class(self.0)
         } else if self == Route::BYPASS {
             Target::Bypass
+        } else if self == Route::VIRTUAL {
+            Target::Virtual
         } else {
             Target::Large(self.0 - Route::FIRST_LARGE)
         }

@@ -31,6 +31,11 @@ impl PoolManager {
             .iter()
             .map(|pool| pool.large.iter().map(|large| large.lock()).collect())
             .collect();
+        let virtual_guards: Vec<_> = self
+            .devices
+            .iter()
+            .map(|pool| pool.virtual_arena.as_ref().map(|arena| arena.lock()))
+            .collect();
         let shard_guards: Vec<Vec<_>> = self
             .devices
             .iter()
@@ -98,6 +103,11 @@ impl PoolManager {
             for state in &large_guards[device] {
                 large.accumulate(state.counters());
             }
+            // The virtual-memory arena reports as the large arena does: its pages are the
+            // segments (mapped memory); its address space is reported on its own.
+            if let Some(state) = &virtual_guards[device] {
+                large.accumulate(state.counters());
+            }
             device_totals.requests += large.requests;
             device_totals.hits += large.hits;
             device_totals.misses += large.misses;
@@ -135,6 +145,7 @@ impl PoolManager {
         }
         drop(shard_guards);
         drop(large_guards);
+        drop(virtual_guards);
         drop(deferred_guards);
         drop(bypass_guards);
         totals.derive(None);

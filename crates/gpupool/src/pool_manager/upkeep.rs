@@ -13,9 +13,27 @@ use crate::pools::Pool;
 impl PoolManager {
     /// Everything idle goes back to the device now (out-of-memory and budget recovery).
     pub(super) fn release_everything(&self, pool: &DevicePool) -> ReleaseReport {
-        let report = self.release_idle(pool, 0, None);
+        let mut report = self.release_idle(pool, 0, None);
         pool.upstream.reap(true);
+        if pool.virtual_arena.is_some() {
+            // The one place the pool waits for the device: out of memory or budget.
+            let _ = pool.backend().wait_for_all();
+            report.add(self.unmapped_report(pool, true));
+        }
         report
+    }
+
+    /// Unmaps the virtual-memory arena's free pages whose work is done, as a report.
+    fn unmapped_report(&self, pool: &DevicePool, wait: bool) -> ReleaseReport {
+        let bytes = self.unmap_free_pages(pool, wait);
+        let page_bytes = pool
+            .virtual_arena
+            .as_ref()
+            .map_or(1, |arena| arena.page_bytes());
+        ReleaseReport {
+            blocks: bytes / page_bytes as u64,
+            bytes,
+        }
     }
 
     /// Releases idle blocks of every class on one device down to `keep` per class.
@@ -40,6 +58,7 @@ impl PoolManager {
         let mut report = ReleaseReport::default();
         for pool in self.devices.iter() {
             report.add(self.release_idle(pool, keep, None));
+            report.add(self.unmapped_report(pool, false));
             pool.upstream.reap(false);
         }
         tracing::info!(?level, blocks = report.blocks, bytes = report.bytes, "trim");
@@ -58,6 +77,7 @@ impl PoolManager {
         }
         for pool in self.devices.iter() {
             report.add(self.release_idle(pool, self.config.min_idle_per_class, Some(now - 2)));
+            report.add(self.unmapped_report(pool, false));
             pool.upstream.reap(false);
         }
         if report.blocks > 0 {

@@ -4,6 +4,7 @@
 //!
 //! - [`class_cache`]: idle blocks of one size class (the hit path);
 //! - [`large_arena`]: best-fit blocks split out of large segments;
+//! - [`vm_arena`]: best-fit blocks in one reserved address range, pages mapped where used;
 //! - [`bypass`]: requests outside the pooled range, only counted;
 //! - [`pending`]: when a block GPU work may still use can go to a new owner;
 //! - [`record`]: the block records the pools move.
@@ -14,6 +15,7 @@ pub(crate) mod class_cache;
 pub(crate) mod large_arena;
 pub(crate) mod pending;
 pub(crate) mod record;
+pub(crate) mod vm_arena;
 
 use std::sync::atomic::AtomicBool;
 

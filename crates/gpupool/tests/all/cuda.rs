@@ -1149,3 +1149,116 @@ fn b1_sixteen_threads_on_four_streams_never_get_a_block_whose_work_still_runs() 
     drop(turn);
     Ok(())
 }
+
+/// Issue 11: the virtual-memory arena on the device: blocks in one reserved range carry data,
+/// freed neighbours merge, and after a trim with nothing live the device's free memory is back
+/// within one page of where it started.
+#[test]
+fn the_virtual_memory_arena_carries_data_and_a_trim_gives_the_pages_back() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let Some(page_bytes) = backend.virtual_memory().map(|memory| memory.granularity()) else {
+        eprintln!("cuda: device 0 has no virtual memory management; segments serve instead");
+        return Ok(());
+    };
+    let stream = backend.create_stream()?;
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    let free_before = device_free(&ctx)?;
+    let sizes = [3 * MIB, 30 * MIB, 100 * MIB + 512, 7 * MIB];
+    let mut buffers = Vec::new();
+    for (index, &bytes) in sizes.iter().enumerate() {
+        let words = bytes / 4;
+        let buffer = manager.allocate_with::<u32>(words, on(stream))?;
+        assert!(buffer.is_large());
+        fill(
+            &ctx,
+            buffer.device_address(),
+            index as u32 + 1,
+            words,
+            stream,
+        )?;
+        buffers.push(buffer);
+    }
+    for (index, buffer) in buffers.iter().enumerate() {
+        expect_everywhere(
+            &ctx,
+            buffer.device_address(),
+            buffer.len(),
+            index as u32 + 1,
+            stream,
+        )?;
+    }
+    let contiguous = buffers[1].device_address() == buffers[0].device_address() + 3 * MIB as u64;
+    assert!(
+        contiguous,
+        "blocks are placed one after another in the range"
+    );
+    let first = buffers[0].device_address();
+    buffers.truncate(3);
+    buffers.remove(0);
+    buffers.remove(0);
+    // 3 MiB and 30 MiB are free neighbours now: 33 MiB fit where they were.
+    let merged = manager.allocate_with::<u32>(33 * MIB / 4, on(stream))?;
+    assert_eq!(merged.device_address(), first, "freed neighbours merged");
+    drop((merged, buffers));
+    synchronize(&ctx, stream)?;
+    manager.trim(gpupool::TrimLevel::Aggressive);
+    let free_after = device_free(&ctx)?;
+    assert!(
+        free_after + page_bytes as u64 >= free_before,
+        "device free memory {free_after} is more than one page below {free_before}"
+    );
+    drop(manager);
+    drop(turn);
+    Ok(())
+}
+
+/// Free device memory (`cuMemGetInfo`).
+fn device_free(ctx: &CudaContext) -> Result<u64, DriverError> {
+    ctx.bind_to_thread()?;
+    Ok(result::mem_get_info()?.0 as u64)
+}
+
+/// Issue 11: what mapping costs per page size on this device, to choose the page size (printed;
+/// run with `--ignored --nocapture`). Times `cuMemCreate` + `cuMemMap` + `cuMemSetAccess` per
+/// page, and `cuMemUnmap` + `cuMemRelease`, through the backend's capability.
+#[test]
+#[ignore]
+fn virtual_memory_mapping_costs_per_page_size() -> TestResult {
+    let Some(Gpu { backend, turn, .. }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let Some(memory) = backend.virtual_memory() else {
+        eprintln!("cuda: no virtual memory management");
+        return Ok(());
+    };
+    let granularity = memory.granularity();
+    eprintln!("cuda: virtual memory granularity {granularity} bytes");
+    for page_bytes in [2 * MIB, 20 * MIB, 64 * MIB, 256 * MIB] {
+        let page_bytes = page_bytes.next_multiple_of(granularity);
+        let pages = (1024 * MIB / page_bytes).max(4);
+        let reservation = driver(memory.reserve(pages * page_bytes))?;
+        let base = reservation.device_address();
+        let start = std::time::Instant::now();
+        for page in 0..pages {
+            driver(memory.map(base + (page * page_bytes) as u64, page_bytes))?;
+        }
+        let map_ns = start.elapsed().as_nanos() as f64 / pages as f64;
+        let start = std::time::Instant::now();
+        for page in 0..pages {
+            memory.unmap(base + (page * page_bytes) as u64, page_bytes);
+        }
+        let unmap_ns = start.elapsed().as_nanos() as f64 / pages as f64;
+        memory.unreserve(reservation);
+        eprintln!(
+            "cuda vmm: page {:>4} MiB: map {:>9.1} us/page ({:>7.2} us/MiB), unmap {:>9.1} us/page",
+            page_bytes / MIB,
+            map_ns / 1e3,
+            map_ns / 1e3 / (page_bytes / MIB) as f64,
+            unmap_ns / 1e3
+        );
+    }
+    drop(turn);
+    Ok(())
+}

@@ -11,3 +11,4 @@ mod observability;
 mod properties;
 mod regressions;
 mod stream_safety;
+mod virtual_memory;

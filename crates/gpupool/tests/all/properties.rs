@@ -50,6 +50,8 @@ struct DeviceSetup {
     asynchronous: bool,
     faults: FaultPlan,
     fault_kind: FaultKind,
+    /// Large requests in the virtual-memory arena instead of segments.
+    virtual_memory: bool,
 }
 
 /// One step of a case. Buffer slots are taken modulo the number of live buffers (no-op when
@@ -114,13 +116,15 @@ fn device_setup() -> impl Strategy<Value = DeviceSetup> {
         any::<bool>(),
         faults,
         prop_oneof![Just(FaultKind::OutOfMemory), Just(FaultKind::DriverError)],
+        any::<bool>(),
     )
         .prop_map(
-            |(capacity_bytes, asynchronous, faults, fault_kind)| DeviceSetup {
+            |(capacity_bytes, asynchronous, faults, fault_kind, virtual_memory)| DeviceSetup {
                 capacity_bytes,
                 asynchronous,
                 faults,
                 fault_kind,
+                virtual_memory,
             },
         )
 }
@@ -177,6 +181,7 @@ fn build(pool: &PoolSetup, device: &DeviceSetup) -> (MemoryManager, SimBackend) 
     let sim = SimBackend::new(SimConfig {
         capacity_bytes: device.capacity_bytes,
         asynchronous: device.asynchronous,
+        virtual_memory: device.virtual_memory,
         faults: device.faults,
         fault_kind: device.fault_kind,
         ..SimConfig::default()

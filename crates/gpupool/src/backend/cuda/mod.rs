@@ -39,6 +39,7 @@
 mod capabilities;
 mod driver;
 mod fence;
+mod virtual_memory;
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -100,6 +101,8 @@ pub struct CudaBackend {
     /// pool that trims, or a new manager after an old one released everything, pays the
     /// cheap allocation. 0 if the driver refused it (nothing depends on it).
     keep_mapped: sys::CUdeviceptr,
+    /// Virtual memory management: the device's granularity and the handles of mapped pages.
+    mappings: virtual_memory::Mappings,
 }
 
 impl CudaBackend {
@@ -144,6 +147,7 @@ impl CudaBackend {
         // SAFETY: the context is current (bound above); `cuMemAlloc` has no other
         // precondition, and the address is only ever freed, once, in `Drop`.
         let keep_mapped = unsafe { result::malloc_sync(256) }.unwrap_or(0);
+        let mappings = virtual_memory::Mappings::new(virtual_memory::probe(&ctx));
         Ok(CudaBackend {
             ctx,
             device_name,
@@ -152,6 +156,7 @@ impl CudaBackend {
             token: TOKEN_TAG | (NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF),
             streams: StreamRegistry::default(),
             keep_mapped,
+            mappings,
         })
     }
 
@@ -344,6 +349,13 @@ impl Backend for CudaBackend {
 
     fn zeroing(&self) -> Option<&dyn Zeroing> {
         Some(self)
+    }
+
+    fn virtual_memory(&self) -> Option<&dyn crate::backend::VirtualMemory> {
+        self.mappings
+            .granularity
+            .is_some()
+            .then_some(self as &dyn crate::backend::VirtualMemory)
     }
 }
 

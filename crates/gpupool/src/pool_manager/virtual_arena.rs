@@ -1,0 +1,249 @@
+//! The virtual-memory arena's paths through the router: requests above the class range on a
+//! backend with virtual memory, their returns, and the pages it maps and unmaps. The arena
+//! decides placement (`pools::vm_arena`); the router does the backend calls, each page counted
+//! against the budget like any allocation.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::Ordering;
+
+use super::device::DevicePool;
+use super::{Allocation, Owner, PoolManager, Record, Route};
+use crate::error::{BackendError, PoolError};
+use crate::kind::StreamId;
+use crate::pools::pending::Pending;
+use crate::pools::vm_arena::{Placed, VmArena, VM_ROUNDING};
+use crate::pools::{Pool, Request, Returned};
+
+impl PoolManager {
+    /// A block of the arena by best fit, mapping the pages it lands on; after out of memory or
+    /// the budget, the pools give back what they can and the request is tried once more.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn allocate_virtual(
+        &self,
+        pool: &DevicePool,
+        requested_bytes: usize,
+        stream: StreamId,
+    ) -> Result<Allocation, PoolError> {
+        let arena = pool
+            .virtual_arena
+            .as_ref()
+            .expect("routed here only with an arena");
+        let too_large = || PoolError::TooLarge {
+            requested_bytes: requested_bytes as u64,
+            limit_bytes: arena.lock().counters().address_space_bytes,
+        };
+        let block_bytes = requested_bytes
+            .checked_next_multiple_of(VM_ROUNDING)
+            .ok_or_else(too_large)?;
+        let request = Request {
+            requested_bytes,
+            block_bytes,
+            stream,
+            shard: 0,
+            // With zeroing, the request is counted once the block is zeroed.
+            served: !self.config.zero_on_reuse,
+        };
+        let mut taken = self.take_mapping(pool, arena, &request);
+        if matches!(
+            taken,
+            Ok(None) | Err(BackendError::OutOfMemory) | Err(BackendError::TooLarge { .. })
+        ) {
+            let released = self.release_everything(pool);
+            tracing::info!(
+                requested_bytes,
+                released_bytes = released.bytes,
+                "virtual-memory arena out of memory: released idle memory, retrying once"
+            );
+            taken = self.take_mapping(pool, arena, &request);
+        }
+        let (record, hit) = match taken {
+            Ok(Some(taken)) => taken,
+            // No free range of the address space fits even after the release: larger than the
+            // device, or the space is too fragmented now.
+            Ok(None) => {
+                let device = pool.backend().memory_info();
+                return Err(match device {
+                    Some(info) if block_bytes as u64 > info.total_bytes => PoolError::TooLarge {
+                        requested_bytes: requested_bytes as u64,
+                        limit_bytes: info.total_bytes,
+                    },
+                    _ => PoolError::OutOfMemory {
+                        requested_bytes: block_bytes as u64,
+                        reserved_bytes: pool.reserved_now(),
+                        device_free_bytes: device.map(|info| info.free_bytes),
+                    },
+                });
+            }
+            Err(BackendError::TooLarge { .. }) => {
+                return Err(PoolError::BudgetExceeded {
+                    requested_bytes: block_bytes as u64,
+                    reserved_bytes: pool.reserved_now(),
+                    budget_bytes: pool.upstream.budget.limit(),
+                })
+            }
+            Err(error) => return Err(self.allocation_error(pool, error, block_bytes)),
+        };
+        if !request.served {
+            if let Err(error) = self.zero_if_asked(pool, &record.block, requested_bytes, stream) {
+                // Back like any returned block; the caller holds a handle, so the reference
+                // given back is never the pool's last.
+                drop(self.give_back_virtual(pool, record, Pending::on(stream), requested_bytes));
+                return Err(error);
+            }
+            Pool::record_served(arena, &request, hit);
+        }
+        Ok(Allocation {
+            record,
+            route: Route::VIRTUAL,
+        })
+    }
+
+    /// One attempt: best fit, each new page committed to the budget and mapped. A page the
+    /// budget refuses reads as `TooLarge` (no driver call was made).
+    fn take_mapping(
+        &self,
+        pool: &DevicePool,
+        arena: &VmArena<Owner>,
+        request: &Request,
+    ) -> Result<Option<Placed<Owner>>, BackendError> {
+        let memory = pool
+            .backend()
+            .virtual_memory()
+            .expect("the arena exists only over virtual memory");
+        let budget = &pool.upstream.budget;
+        arena.take_or_map(request, self.this.upgrade(), |address, bytes| {
+            if !budget.try_reserve(bytes as u64) {
+                return Err(BackendError::TooLarge {
+                    limit: budget.limit(),
+                });
+            }
+            match memory.map(address, bytes) {
+                Ok(()) => {
+                    budget.allocated(bytes as u64);
+                    Ok(())
+                }
+                Err(error) => {
+                    budget.unreserve(bytes as u64);
+                    Err(error)
+                }
+            }
+        })
+    }
+
+    /// Maps the pages for `count` blocks of `bytes` on `stream` (one range, taken and given
+    /// back: the pages stay mapped and the space free on the stream). Counts no request.
+    pub(super) fn prewarm_virtual(
+        &self,
+        pool: &DevicePool,
+        bytes: usize,
+        count: usize,
+        stream: StreamId,
+    ) -> Result<usize, PoolError> {
+        let arena = pool
+            .virtual_arena
+            .as_ref()
+            .expect("routed here only with an arena");
+        let total = bytes
+            .checked_next_multiple_of(VM_ROUNDING)
+            .and_then(|block| block.checked_mul(count))
+            .ok_or(PoolError::TooLarge {
+                requested_bytes: (bytes as u64).saturating_mul(count as u64),
+                limit_bytes: usize::MAX as u64,
+            })?;
+        let request = Request {
+            requested_bytes: total,
+            block_bytes: total,
+            stream,
+            shard: 0,
+            served: false,
+        };
+        let (record, _) = match self.take_mapping(pool, arena, &request) {
+            Ok(Some(taken)) => taken,
+            Ok(None) => {
+                return Err(PoolError::TooLarge {
+                    requested_bytes: total as u64,
+                    limit_bytes: arena.lock().counters().address_space_bytes,
+                })
+            }
+            Err(BackendError::TooLarge { .. }) => {
+                return Err(PoolError::BudgetExceeded {
+                    requested_bytes: total as u64,
+                    reserved_bytes: pool.reserved_now(),
+                    budget_bytes: pool.upstream.budget.limit(),
+                })
+            }
+            Err(error) => return Err(self.allocation_error(pool, error, total)),
+        };
+        // No work ever touched it: any order of reuse on `stream` is fine.
+        drop(self.give_back_virtual(pool, record, Pending::on(stream), total));
+        Ok(count)
+    }
+
+    #[cold]
+    pub(super) fn give_back_virtual(
+        &self,
+        pool: &DevicePool,
+        mut record: Box<Record>,
+        pending: Pending,
+        requested_bytes: usize,
+    ) -> Option<Owner> {
+        let owner = record.owner.take();
+        let arena = pool.virtual_arena.as_ref().expect("a block of the arena");
+        let returned = Returned {
+            record,
+            pending,
+            requested_bytes,
+            shard: 0,
+            epoch: self.epoch.load(Ordering::Relaxed),
+        };
+        let kept = Pool::give_back(arena, returned, &self.pooling);
+        debug_assert!(kept.is_none(), "the arena keeps every block");
+        if !self.pooling.load(Ordering::Relaxed) {
+            self.unmap_free_pages(pool, false);
+        }
+        owner
+    }
+
+    /// Unmaps the pages no block uses once the work that last used them is done (`wait`: the
+    /// caller waited for all work). Returns the bytes unmapped.
+    pub(super) fn unmap_free_pages(&self, pool: &DevicePool, wait: bool) -> u64 {
+        let Some(arena) = pool.virtual_arena.as_ref() else {
+            return 0;
+        };
+        let backend = pool.backend();
+        let pages = arena.unmappable_pages(wait, |stream| {
+            backend
+                .fence_after(stream)
+                .inspect_err(|error| tracing::warn!(?error, "no fence for an unmap"))
+                .ok()
+        });
+        let memory = backend
+            .virtual_memory()
+            .expect("the arena exists only over it");
+        let mut unmapped = 0;
+        for (address, bytes) in pages {
+            memory.unmap(address, bytes);
+            pool.upstream.budget.released(bytes as u64);
+            unmapped += bytes as u64;
+        }
+        unmapped
+    }
+
+    /// The pool's end (all work waited for): every page unmapped, the address space given back.
+    pub(super) fn close_virtual_arena(&self, pool: &DevicePool) {
+        let Some(arena) = pool.virtual_arena.as_ref() else {
+            return;
+        };
+        let memory = pool
+            .backend()
+            .virtual_memory()
+            .expect("the arena's backend");
+        let (pages, reservation) = arena.take_everything();
+        for (address, bytes) in pages {
+            memory.unmap(address, bytes);
+            pool.upstream.budget.released(bytes as u64);
+        }
+        memory.unreserve(reservation);
+    }
+}

@@ -1,0 +1,193 @@
+//! The virtual-memory arena on the sim device: one reserved range, best fit, merging across
+//! what would be segment boundaries, pages mapped where blocks live and unmapped by trims once
+//! their stream's work is done, out-of-memory recovery, and stream safety.
+
+use std::sync::Arc;
+
+use gpupool::backend::sim::{SimConfig, SIM_PAGE_BYTES};
+use gpupool::fence::Fence;
+use gpupool::{AllocOptions, PoolError, StreamId, TrimLevel};
+
+use crate::common::{assert_consistent, defaults, sim_manager_on};
+
+const MIB: usize = 1 << 20;
+
+fn vm_device(capacity_bytes: u64, asynchronous: bool) -> SimConfig {
+    SimConfig {
+        capacity_bytes,
+        asynchronous,
+        virtual_memory: true,
+        ..SimConfig::default()
+    }
+}
+
+fn on(stream: u64) -> AllocOptions {
+    AllocOptions {
+        stream: StreamId(stream),
+        ..AllocOptions::default()
+    }
+}
+
+#[test]
+fn freed_neighbours_merge_and_serve_a_larger_block_without_a_new_page() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let a = manager.allocate_bytes(3 * MIB).unwrap();
+    let b = manager.allocate_bytes(5 * MIB).unwrap();
+    let c = manager.allocate_bytes(3 * MIB).unwrap();
+    assert!(a.is_large() && b.is_large() && c.is_large());
+    assert_eq!(
+        b.device_address(),
+        a.device_address() + 3 * MIB as u64,
+        "one range"
+    );
+    let a_address = a.device_address();
+    let mapped = sim.counters().allocations;
+    drop((a, b));
+    let merged = manager.allocate_bytes(8 * MIB).unwrap();
+    assert_eq!(merged.device_address(), a_address, "a and b merged");
+    assert_eq!(sim.counters().allocations, mapped, "no page mapped");
+    let stats = manager.stats();
+    assert_eq!(stats.devices[0].large.hits, 1);
+    assert_eq!(
+        stats.totals.reserved_bytes,
+        6 * SIM_PAGE_BYTES as u64,
+        "six 2 MiB pages hold 11 MiB of blocks"
+    );
+    assert!(stats.devices[0].large.address_space_bytes >= 1 << 31);
+    assert_consistent(&stats, &sim);
+    drop((merged, c));
+}
+
+#[test]
+fn pages_are_unmapped_by_a_trim_only_once_their_streams_work_is_done() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, true), defaults());
+    let block = manager.allocate_with::<u8>(6 * MIB, on(1)).unwrap();
+    drop(block);
+    assert_eq!(
+        sim.counters().live_bytes,
+        6 * MIB as u64,
+        "mapped while free"
+    );
+    manager.trim(TrimLevel::Aggressive);
+    assert_eq!(
+        sim.counters().live_bytes,
+        6 * MIB as u64,
+        "stream 1's work may still use the pages"
+    );
+    assert_eq!(sim.counters().synchronizations, 0, "no device-wide wait");
+    sim.complete_fences();
+    let report = manager.trim(TrimLevel::Aggressive);
+    assert_eq!(report.bytes, 6 * MIB as u64);
+    assert_eq!(sim.counters().live_bytes, 0);
+    assert_consistent(&manager.stats(), &sim);
+}
+
+#[test]
+fn out_of_memory_unmaps_free_pages_and_retries() {
+    let (manager, sim) = sim_manager_on(vm_device(64 * MIB as u64, false), defaults());
+    let first = manager.allocate_with::<u8>(40 * MIB, on(1)).unwrap();
+    drop(first);
+    // Stream 2 cannot use stream 1's free space: it needs new pages, which do not fit until
+    // the free ones are unmapped.
+    let second = manager.allocate_with::<u8>(40 * MIB, on(2)).unwrap();
+    assert_eq!(sim.counters().live_bytes, 40 * MIB as u64);
+    let never = manager.allocate_with::<u8>(100 * MIB, on(2));
+    assert!(
+        matches!(never, Err(PoolError::TooLarge { limit_bytes, .. }) if limit_bytes == 64 * MIB as u64),
+        "{never:?}"
+    );
+    let not_now = manager.allocate_with::<u8>(30 * MIB, on(2));
+    assert!(
+        matches!(not_now, Err(PoolError::OutOfMemory { .. })),
+        "{not_now:?}"
+    );
+    assert_eq!(second.len(), 40 * MIB, "the live buffer is untouched");
+    assert_consistent(&manager.stats(), &sim);
+}
+
+#[test]
+fn the_budget_counts_pages_and_a_refusal_leaks_nothing() {
+    let (manager, sim) = sim_manager_on(
+        vm_device(1 << 30, false),
+        defaults().budget_bytes(Some(16 * MIB as u64)),
+    );
+    let refused = manager.allocate_bytes(20 * MIB);
+    assert!(
+        matches!(refused, Err(PoolError::BudgetExceeded { .. })),
+        "{refused:?}"
+    );
+    let fits = manager.allocate_bytes(15 * MIB).unwrap();
+    assert_eq!(sim.counters().live_bytes, 16 * MIB as u64);
+    let stats = manager.stats();
+    assert_eq!(stats.totals.peak_reserved_bytes, 16 * MIB as u64);
+    assert_consistent(&stats, &sim);
+    drop(fits);
+}
+
+#[derive(Default)]
+struct ManualFence(std::sync::atomic::AtomicBool);
+
+impl Fence for ManualFence {
+    fn is_complete(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[test]
+fn space_freed_on_one_stream_goes_to_no_other_and_fenced_space_to_nobody() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, true), defaults());
+    let on_one = manager.allocate_with::<u8>(4 * MIB, on(1)).unwrap();
+    let address = on_one.device_address();
+    drop(on_one);
+    let on_two = manager.allocate_with::<u8>(4 * MIB, on(2)).unwrap();
+    assert_ne!(on_two.device_address(), address, "stream 1's space");
+    let again = manager.allocate_with::<u8>(4 * MIB, on(1)).unwrap();
+    assert_eq!(
+        again.device_address(),
+        address,
+        "same-stream reuse is immediate"
+    );
+    let mut fenced = again;
+    let fence = Arc::new(ManualFence::default());
+    fenced.used_by(fence.clone());
+    drop(fenced);
+    let other = manager.allocate_with::<u8>(4 * MIB, on(1)).unwrap();
+    assert_ne!(other.device_address(), address, "its fence is pending");
+    fence.0.store(true, std::sync::atomic::Ordering::Release);
+    let reused = manager.allocate_with::<u8>(4 * MIB, on(1)).unwrap();
+    assert_eq!(
+        reused.device_address(),
+        address,
+        "reusable once the fence completed"
+    );
+    drop((on_two, other, reused));
+    drop(manager);
+    assert_eq!(
+        sim.counters().live_bytes,
+        0,
+        "everything unmapped at the end"
+    );
+    assert_eq!(
+        sim.counters().reserved_address_bytes,
+        0,
+        "and the range given back"
+    );
+    assert_eq!(sim.counters().invalid_releases, 0);
+}
+
+#[test]
+fn prewarm_maps_the_pages_requests_of_that_size_use() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    assert_eq!(manager.prewarm(4 * MIB, 4).unwrap(), 4);
+    let mapped = sim.counters().allocations;
+    let buffers: Vec<_> = (0..4)
+        .map(|_| manager.allocate_bytes(4 * MIB).unwrap())
+        .collect();
+    assert_eq!(
+        sim.counters().allocations,
+        mapped,
+        "no page mapped after prewarm"
+    );
+    assert_eq!(manager.stats().devices[0].large.hits, 4);
+    drop(buffers);
+}

@@ -112,23 +112,35 @@ impl PoolManager {
             .virtual_memory()
             .expect("the arena exists only over virtual memory");
         let budget = &pool.upstream.budget;
-        arena.take_or_map(request, self.this.upgrade(), |address, bytes| {
-            if !budget.try_reserve(bytes as u64) {
-                return Err(BackendError::TooLarge {
-                    limit: budget.limit(),
-                });
-            }
-            match memory.map(address, bytes) {
-                Ok(()) => {
-                    budget.allocated(bytes as u64);
-                    Ok(())
+        let backend = pool.backend();
+        let fence_after = |stream| {
+            backend
+                .fence_after(stream)
+                .inspect_err(|error| tracing::warn!(?error, "no fence to retire free space"))
+                .ok()
+        };
+        arena.take_or_map(
+            request,
+            self.this.upgrade(),
+            fence_after,
+            |address, bytes| {
+                if !budget.try_reserve(bytes as u64) {
+                    return Err(BackendError::TooLarge {
+                        limit: budget.limit(),
+                    });
                 }
-                Err(error) => {
-                    budget.unreserve(bytes as u64);
-                    Err(error)
+                match memory.map(address, bytes) {
+                    Ok(()) => {
+                        budget.allocated(bytes as u64);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        budget.unreserve(bytes as u64);
+                        Err(error)
+                    }
                 }
-            }
-        })
+            },
+        )
     }
 
     /// Maps the pages for `count` blocks of `bytes` on `stream` (one range, taken and given

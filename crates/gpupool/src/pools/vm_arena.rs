@@ -16,10 +16,14 @@
 //! whose pages a block uses, but only once fences recorded on the streams that last used them
 //! have completed (`cuMemUnmap` does not wait for queued work). Never on the allocation path.
 //!
-//! Streams: a free range belongs to the stream its block was freed on and serves only that
-//! stream (work on one stream runs in order), like the segment arena; address space no block
-//! ever used belongs to no stream and serves any. Blocks with fences (`used_by`,
-//! `record_stream`) wait, unmerged, until they complete.
+//! Streams: a free range belongs to the stream its block was freed on and serves that stream
+//! at once (work on one stream runs in order). Address space no queued work can touch belongs
+//! to no stream (*fresh*) and serves any. When a request finds nothing on its own stream, the
+//! arena *retires* other streams' free ranges: each gets a fence recorded on its stream now
+//! (under the arena's lock, so after every free it holds), and once the fence has completed the
+//! range becomes fresh and merges with fresh neighbours. A range that changes meanwhile (split,
+//! merged) loses its fence and is fenced again later: a fence covers only the frees before it.
+//! Blocks with fences (`used_by`, `record_stream`) wait, unmerged, until they complete.
 //!
 //! The arena never calls the backend: `take` is given the mapping to do for pages it needs,
 //! and `unmappable_pages` returns the pages to unmap. One mutex guards the state: requests that
@@ -80,6 +84,9 @@ pub(crate) struct VmState<O> {
     live: HashMap<u64, usize>,
     /// Freed blocks whose fences are pending: (address, pending, epoch).
     gated: Vec<(u64, Pending, u64)>,
+    /// Other streams' free ranges being retired to fresh space, by address, with the fence on
+    /// their stream that must complete first.
+    retiring: HashMap<u64, Arc<dyn Fence>>,
     counters: LargeStats,
 }
 
@@ -111,6 +118,7 @@ impl<O> VmArena<O> {
             free_at: BTreeMap::new(),
             live: HashMap::new(),
             gated: Vec::new(),
+            retiring: HashMap::new(),
             counters: LargeStats {
                 address_space_bytes: bytes as u64,
                 ..LargeStats::default()
@@ -137,15 +145,21 @@ impl<O> VmArena<O> {
     /// arena as it was, apart from pages mapped before the failure, which stay mapped and free.
     /// The block counts as in use, and as a served request when `request.served`; the second
     /// value tells whether it was a hit (no page had to be mapped).
+    /// `fence_after(stream)` records a fence on another stream, to retire its free ranges
+    /// (`None`: not now).
     pub fn take_or_map<E>(
         &self,
         request: &Request,
         owner: Option<O>,
+        mut fence_after: impl FnMut(StreamId) -> Option<Arc<dyn Fence>>,
         mut map: impl FnMut(u64, usize) -> Result<(), E>,
     ) -> Result<Option<Placed<O>>, E> {
         let mut state = self.lock();
         state.ungate();
         let bytes = request.block_bytes;
+        if !state.fits_own(request.stream, bytes) {
+            state.retire(request.stream, &mut fence_after);
+        }
         let Some((address, range_bytes, key)) = state.place(request.stream, bytes) else {
             return Ok(None);
         };
@@ -348,7 +362,69 @@ impl<O> VmState<O> {
     fn remove_free(&mut self, address: u64) -> (usize, u64, u64) {
         let (bytes, key, epoch) = self.free_at.remove(&address).expect("a free range");
         self.free.remove(&(key, bytes, address));
+        // A fence covers the range as it was: once split or merged, it is fenced anew.
+        self.retiring.remove(&address);
         (bytes, key, epoch)
+    }
+
+    /// Whether a free range of the stream's own holds `bytes`.
+    fn fits_own(&self, stream: StreamId, bytes: usize) -> bool {
+        self.free
+            .range((stream.0, bytes, 0)..=(stream.0, usize::MAX, u64::MAX))
+            .next()
+            .is_some()
+    }
+
+    /// Other streams' free ranges whose fences completed become fresh (merged with fresh
+    /// neighbours); those without a fence get one, recorded now on their stream.
+    fn retire(
+        &mut self,
+        stream: StreamId,
+        fence_after: &mut dyn FnMut(StreamId) -> Option<Arc<dyn Fence>>,
+    ) {
+        let done: Vec<u64> = self
+            .retiring
+            .iter()
+            .filter(|(_, fence)| fence.is_complete())
+            .map(|(&address, _)| address)
+            .collect();
+        for address in done {
+            let (bytes, _, epoch) = self.remove_free(address);
+            self.free_range(address, bytes, FRESH, epoch);
+        }
+        let mut fences: Vec<(u64, Option<Arc<dyn Fence>>)> = Vec::new();
+        let waiting: Vec<(u64, u64)> = self
+            .free_at
+            .iter()
+            .filter(|(address, &(_, key, _))| {
+                key != FRESH && key != stream.0 && !self.retiring.contains_key(address)
+            })
+            .map(|(&address, &(_, key, _))| (address, key))
+            .collect();
+        for (address, key) in waiting {
+            let fence = match fences.iter().find(|(on, _)| *on == key) {
+                Some((_, fence)) => fence.clone(),
+                None => {
+                    let fence = fence_after(StreamId(key));
+                    fences.push((key, fence.clone()));
+                    fence
+                }
+            };
+            if let Some(fence) = fence {
+                self.retiring.insert(address, fence);
+            }
+        }
+        // Fences that are complete already (work done, or a synchronous device) retire now.
+        let done: Vec<u64> = self
+            .retiring
+            .iter()
+            .filter(|(_, fence)| fence.is_complete())
+            .map(|(&address, _)| address)
+            .collect();
+        for address in done {
+            let (bytes, _, epoch) = self.remove_free(address);
+            self.free_range(address, bytes, FRESH, epoch);
+        }
     }
 
     /// Makes `[address, address + bytes)` free for stream key `key`, merged with free
@@ -467,7 +543,7 @@ impl<O> VmState<O> {
 impl<O> Pool<O> for VmArena<O> {
     /// Only free space already mapped: a request that needs pages goes through `take_or_map`.
     fn take(&self, request: &Request) -> Option<Box<BlockRecord<O>>> {
-        self.take_or_map(request, None, |_, _| Err(()))
+        self.take_or_map(request, None, |_| None, |_, _| Err(()))
             .ok()
             .flatten()
             .map(|(record, _)| record)

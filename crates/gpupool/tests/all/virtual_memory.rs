@@ -191,3 +191,26 @@ fn prewarm_maps_the_pages_requests_of_that_size_use() {
     assert_eq!(manager.stats().devices[0].large.hits, 4);
     drop(buffers);
 }
+
+#[test]
+fn another_stream_reuses_freed_space_once_a_fence_on_its_stream_completed() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, true), defaults());
+    let on_one = manager.allocate_with::<u8>(8 * MIB, on(1)).unwrap();
+    let address = on_one.device_address();
+    let tail = manager.allocate_with::<u8>(2 * MIB, on(1)).unwrap();
+    drop(on_one);
+    // Stream 2 misses: stream 1's space gets a fence, still pending (its work may run).
+    let first = manager.allocate_with::<u8>(8 * MIB, on(2)).unwrap();
+    assert_ne!(first.device_address(), address);
+    sim.complete_fences();
+    // The fence completed: the space is fresh now, for any stream.
+    let second = manager.allocate_with::<u8>(8 * MIB, on(2)).unwrap();
+    assert_eq!(
+        second.device_address(),
+        address,
+        "reused across streams after the fence"
+    );
+    assert_eq!(sim.counters().synchronizations, 0, "no device-wide wait");
+    assert_consistent(&manager.stats(), &sim);
+    drop((first, second, tail));
+}

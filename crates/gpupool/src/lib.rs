@@ -46,4 +46,5 @@ pub use pool_manager::{ReleaseReport, TrimLevel};
 pub use size_class::{SizeClasses, BLOCK_ALIGN};
 pub use stats::{
     ratio, BypassStats, ClassStats, DeviceStats, LargeStats, LatencySummary, PoolStats, Totals,
+    WasteBreakdown,
 };

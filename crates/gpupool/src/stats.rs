@@ -135,6 +135,14 @@ pub struct LargeStats {
     /// counted in `segment_bytes`, are).
     #[serde(default)]
     pub address_space_bytes: u64,
+    /// Of `free_bytes`: free space on mapped pages that also hold blocks (virtual-memory arena:
+    /// the cost of mapping whole pages).
+    #[serde(default)]
+    pub page_granularity_bytes: u64,
+    /// Of `free_bytes`: wholly free pages held for one stream (until a fence lets any stream
+    /// use them) and space of freed blocks still waiting for their fences.
+    #[serde(default)]
+    pub held_for_streams_bytes: u64,
 }
 
 impl LargeStats {
@@ -154,6 +162,8 @@ impl LargeStats {
         self.merges += counters.merges;
         self.prewarmed_segments += counters.prewarmed_segments;
         self.address_space_bytes += counters.address_space_bytes;
+        self.page_granularity_bytes += counters.page_granularity_bytes;
+        self.held_for_streams_bytes += counters.held_for_streams_bytes;
     }
 }
 
@@ -172,6 +182,35 @@ pub struct BypassStats {
     pub backend_allocations: u64,
     /// Bypass blocks released.
     pub backend_releases: u64,
+}
+
+/// Where reserved memory beyond the requested live bytes goes, at one instant: the parts add up
+/// to `reserved − requested live` exactly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WasteBreakdown {
+    /// Rounding inside blocks handed out: in use − requested live (class sizes, the arenas'
+    /// 512-byte rounding, the bypass's alignment).
+    pub rounding_bytes: u64,
+    /// Idle blocks in the class caches.
+    pub class_cache_bytes: u64,
+    /// Free space inside the large arena that no stream holds and no page rounding explains:
+    /// free space between blocks of segments, or wholly free mapped pages (fragmentation).
+    pub fragmentation_bytes: u64,
+    /// Free space on mapped pages that also hold blocks (page granularity).
+    pub page_granularity_bytes: u64,
+    /// Free space held for one stream, or waiting for fences (other streams' holdings).
+    pub held_for_streams_bytes: u64,
+}
+
+impl WasteBreakdown {
+    /// The sum of the parts: reserved − requested live.
+    pub fn total_bytes(&self) -> u64 {
+        self.rounding_bytes
+            + self.class_cache_bytes
+            + self.fragmentation_bytes
+            + self.page_granularity_bytes
+            + self.held_for_streams_bytes
+    }
 }
 
 /// Totals and the derived metrics, for a device or the whole pool.
@@ -272,6 +311,26 @@ impl Totals {
 }
 
 impl PoolStats {
+    /// Where reserved memory beyond the requested live bytes goes, over every device.
+    pub fn waste(&self) -> WasteBreakdown {
+        let mut waste = WasteBreakdown::default();
+        for device in &self.devices {
+            let totals = &device.totals;
+            waste.rounding_bytes += totals.in_use_bytes - totals.requested_live_bytes;
+            waste.class_cache_bytes += device
+                .classes
+                .iter()
+                .map(|class| class.cached_bytes)
+                .sum::<u64>();
+            let large = &device.large;
+            waste.page_granularity_bytes += large.page_granularity_bytes;
+            waste.held_for_streams_bytes += large.held_for_streams_bytes;
+            waste.fragmentation_bytes +=
+                large.free_bytes - large.page_granularity_bytes - large.held_for_streams_bytes;
+        }
+        waste
+    }
+
     /// The row of `class_bytes` and `kind` on device 0, if it has seen activity.
     pub fn class(&self, class_bytes: u64, kind: MemoryKind) -> Option<&ClassStats> {
         self.devices.first().and_then(|device| {

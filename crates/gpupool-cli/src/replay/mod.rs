@@ -38,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use gpupool::dashboard::PoolReport;
 use gpupool::{
     ratio, AllocOptions, Backend, MemoryManager, PoolConfig, PoolError, PooledBuffer, StreamId,
+    WasteBreakdown,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -94,6 +95,12 @@ pub struct ReplayReport {
     pub peak_reserved_bytes: u64,
     /// peak reserved / peak live.
     pub peak_ratio: f64,
+    /// Where reserved memory beyond the requested live bytes went when the pool reached its
+    /// peak (from an extra, untimed pass that takes a snapshot at each new peak).
+    pub waste_at_peak: WasteBreakdown,
+    /// Requested live bytes at the pool's peak (the peak of the pool and the trace's peak of
+    /// live bytes need not coincide).
+    pub requested_live_at_peak: u64,
     /// The trace file.
     pub trace: String,
     /// The backend's name.
@@ -337,6 +344,28 @@ impl Observer for Timeline<'_> {
     }
 }
 
+/// Watches for the pool's new peaks: at each, one snapshot, and the waste breakdown from it.
+/// The check per event is a few atomic loads; snapshots happen only at new peaks (a few hundred
+/// per trace, one per backend allocation at most).
+struct PeakWatch<'a> {
+    manager: &'a MemoryManager,
+    peak: u64,
+    waste: WasteBreakdown,
+    requested_live: u64,
+}
+
+impl Observer for PeakWatch<'_> {
+    fn replayed(&mut self, _done: usize) {
+        let peak = self.manager.peak_reserved_bytes();
+        if peak > self.peak {
+            self.peak = peak;
+            let stats = self.manager.stats();
+            self.waste = stats.waste();
+            self.requested_live = stats.totals.requested_live_bytes;
+        }
+    }
+}
+
 /// Replays `trace` on `manager`, telling `observer`; returns the loop's wall time and the
 /// buffers still live.
 fn replay_loop(
@@ -417,6 +446,21 @@ pub fn run(
     times.sort();
     let elapsed = times[times.len() / 2];
 
+    let watched = manager(&backend, options)?;
+    observe(&watched);
+    let mut watch = PeakWatch {
+        manager: &watched,
+        peak: 0,
+        waste: WasteBreakdown::default(),
+        requested_live: 0,
+    };
+    let bar = progress(events as u64, events as u64 >= PROGRESS_EVENTS, "peak");
+    let (_, live) = replay_loop(&watched, &trace, &streams, &bar, &mut watch)?;
+    bar.finish_and_clear();
+    drop(live);
+    let (waste_at_peak, requested_live_at_peak) = (watch.waste, watch.requested_live);
+    drop(watched);
+
     let plot = match &options.plot {
         Some(path) => {
             let sampled = manager(&backend, options)?;
@@ -468,6 +512,8 @@ pub fn run(
         peak_live_bytes: trace.peak_live_bytes,
         peak_reserved_bytes: totals.peak_reserved_bytes,
         peak_ratio: ratio(totals.peak_reserved_bytes, trace.peak_live_bytes),
+        waste_at_peak,
+        requested_live_at_peak,
         trace: options.trace.display().to_string(),
         backend: backend.name().to_string(),
         device: backend.device_name(),
@@ -563,6 +609,28 @@ pub fn render_text(report: &ReplayReport) -> String {
     ];
     for (label, value) in rows {
         let _ = writeln!(out, "  {label:<22}{value}");
+    }
+    let waste = &report.waste_at_peak;
+    let _ = writeln!(
+        out,
+        "  {:<22}{} beyond {} requested live:",
+        "Waste at the peak",
+        gib(waste.total_bytes()),
+        gib(report.requested_live_at_peak)
+    );
+    for (label, bytes) in [
+        ("rounding inside blocks", waste.rounding_bytes),
+        ("idle class blocks", waste.class_cache_bytes),
+        ("arena fragmentation", waste.fragmentation_bytes),
+        ("page granularity", waste.page_granularity_bytes),
+        ("held for streams", waste.held_for_streams_bytes),
+    ] {
+        let _ = writeln!(
+            out,
+            "    {label:<24}{} ({} bytes)",
+            gib(bytes),
+            thousands(bytes)
+        );
     }
     let _ = writeln!(out, "{}", report.summary);
     if let Some(plot) = &report.plot {

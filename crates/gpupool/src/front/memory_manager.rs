@@ -220,6 +220,13 @@ impl MemoryManager {
         self.stats().totals.memory_pressure
     }
 
+    /// The most bytes the backends have held at once, summed over devices: what
+    /// `stats().totals.peak_reserved_bytes` reports, read without taking a snapshot (a few
+    /// atomic loads), so a caller can watch for new peaks cheaply.
+    pub fn peak_reserved_bytes(&self) -> u64 {
+        self.pool().peak_reserved_bytes()
+    }
+
     /// One consistent snapshot of every counter and derived metric.
     pub fn stats(&self) -> PoolStats {
         self.pool().stats()

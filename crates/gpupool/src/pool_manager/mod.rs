@@ -175,6 +175,13 @@ impl PoolManager {
         self.pooling.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn peak_reserved_bytes(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|pool| pool.upstream.budget.peak())
+            .sum()
+    }
+
     #[inline(always)]
     fn device(&self, device: usize) -> Result<&DevicePool, PoolError> {
         self.devices.get(device).ok_or(PoolError::NoSuchDevice {

@@ -106,7 +106,7 @@ impl PoolManager {
             // The virtual-memory arena reports as the large arena does: its pages are the
             // segments (mapped memory); its address space is reported on its own.
             if let Some(state) = &virtual_guards[device] {
-                large.accumulate(state.counters());
+                large.accumulate(&state.counters_with_waste());
             }
             device_totals.requests += large.requests;
             device_totals.hits += large.hits;

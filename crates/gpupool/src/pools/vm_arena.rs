@@ -87,6 +87,9 @@ pub(crate) struct VmState<O> {
     /// Other streams' free ranges being retired to fresh space, by address, with the fence on
     /// their stream that must complete first.
     retiring: HashMap<u64, Arc<dyn Fence>>,
+    /// The stream of the last request that had to map pages: the one a snapshot at a new peak
+    /// explains (its free space was fragmentation; other streams' was theirs).
+    last_mapping_stream: StreamId,
     counters: LargeStats,
 }
 
@@ -119,6 +122,7 @@ impl<O> VmArena<O> {
             live: HashMap::new(),
             gated: Vec::new(),
             retiring: HashMap::new(),
+            last_mapping_stream: StreamId::DEFAULT,
             counters: LargeStats {
                 address_space_bytes: bytes as u64,
                 ..LargeStats::default()
@@ -193,6 +197,9 @@ impl<O> VmArena<O> {
             page += run;
         }
         let hit = mapped_now == 0;
+        if !hit {
+            state.last_mapping_stream = request.stream;
+        }
         state.mark_live(address, bytes, request.requested_bytes);
         if request.served {
             state.request_served(hit);
@@ -294,6 +301,48 @@ impl<O> VmArena<O> {
 impl<O> VmState<O> {
     pub fn counters(&self) -> &LargeStats {
         &self.counters
+    }
+
+    /// The counters with the split of the free space filled in (a walk over the mapped
+    /// pages: for snapshots, not the allocation path).
+    pub fn counters_with_waste(&self) -> LargeStats {
+        let mut granularity = 0u64;
+        let mut held = 0u64;
+        let own = self.last_mapping_stream.0;
+        for (index, page) in self.pages.iter().enumerate() {
+            if page.handle.is_none() {
+                continue;
+            }
+            if page.used_bytes > 0 {
+                granularity += (self.page_bytes - page.used_bytes.min(self.page_bytes)) as u64;
+                continue;
+            }
+            // A wholly free page: another stream's (held) unless fresh or the stream of the
+            // last request that mapped pages (then it is fragmentation).
+            let start = self.base + (index * self.page_bytes) as u64;
+            let owner = self
+                .free_at
+                .range(..=start)
+                .next_back()
+                .map_or(FRESH, |(_, &(_, key, _))| key);
+            if owner != FRESH && owner != own {
+                held += self.page_bytes as u64;
+            }
+        }
+        // Gated blocks count as used on their pages but as free in `free_bytes`: their space
+        // is held too (for their fences). Whatever the walk does not explain is fragmentation.
+        let free = self.counters.free_bytes;
+        let granularity = granularity.min(free);
+        let gated: u64 = self
+            .gated
+            .iter()
+            .map(|(address, _, _)| self.live.get(address).copied().unwrap_or(0) as u64)
+            .sum();
+        LargeStats {
+            page_granularity_bytes: granularity,
+            held_for_streams_bytes: (held + gated).min(free - granularity),
+            ..self.counters.clone()
+        }
     }
 
     /// Where a block of `bytes` on `stream` goes, as a free range to take it from (address,

@@ -43,6 +43,11 @@ pub fn assert_consistent(stats: &PoolStats, sim: &SimBackend) {
         totals.requests,
         totals.hits + totals.misses + totals.bypasses
     );
+    assert_eq!(
+        stats.waste().total_bytes(),
+        totals.reserved_bytes - totals.requested_live_bytes,
+        "the waste breakdown adds up"
+    );
     let ledger = sim.counters();
     assert_eq!(
         totals.blocks_held + totals.pending_release_blocks,

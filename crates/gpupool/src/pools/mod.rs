@@ -10,6 +10,7 @@
 //! - [`record`]: the block records the pools move.
 #![forbid(unsafe_code)]
 
+pub(crate) mod address_map;
 pub(crate) mod bypass;
 pub(crate) mod class_cache;
 pub(crate) mod large_arena;

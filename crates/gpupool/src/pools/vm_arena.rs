@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::backend::{Block, Fence};
 use crate::kind::StreamId;
+use crate::pools::address_map::AddressMap;
 use crate::pools::pending::Pending;
 use crate::pools::record::{BlockRecord, IdleBlock};
 use crate::pools::{Pool, Request, Returned};
@@ -46,6 +47,9 @@ pub const VM_ROUNDING: usize = 512;
 
 /// A block the arena placed, and whether it was a hit (no page had to be mapped).
 pub(crate) type Placed<O> = (Box<BlockRecord<O>>, bool);
+
+/// Records kept for reuse at most (enough for the blocks a training step frees at once).
+const MAX_SPARE_RECORDS: usize = 256;
 
 /// The stream key of address space no block ever used: any stream may take it.
 const FRESH: u64 = u64::MAX;
@@ -81,12 +85,18 @@ pub(crate) struct VmState<O> {
     /// Free ranges by address: (bytes, stream key, epoch freed).
     free_at: BTreeMap<u64, (usize, u64, u64)>,
     /// Live blocks: address → bytes.
-    live: HashMap<u64, usize>,
+    live: AddressMap<usize>,
     /// Freed blocks whose fences are pending: (address, pending, epoch).
     gated: Vec<(u64, Pending, u64)>,
     /// Other streams' free ranges being retired to fresh space, by address, with the fence on
     /// their stream that must complete first.
     retiring: HashMap<u64, Arc<dyn Fence>>,
+    /// Free ranges per stream key (a few streams: a short list), so a request skips retiring
+    /// when no other stream holds any.
+    ranges_per_key: Vec<(u64, usize)>,
+    /// Records of returned blocks, kept for the next blocks handed out (saves an allocation
+    /// and a free per request).
+    spare_records: Vec<Box<BlockRecord<O>>>,
     /// The stream of the last request that had to map pages: the one a snapshot at a new peak
     /// explains (its free space was fragmentation; other streams' was theirs).
     last_mapping_stream: StreamId,
@@ -119,9 +129,11 @@ impl<O> VmArena<O> {
             handles: BTreeMap::new(),
             free: BTreeSet::new(),
             free_at: BTreeMap::new(),
-            live: HashMap::new(),
+            live: AddressMap::default(),
             gated: Vec::new(),
             retiring: HashMap::new(),
+            spare_records: Vec::new(),
+            ranges_per_key: Vec::new(),
             last_mapping_stream: StreamId::DEFAULT,
             counters: LargeStats {
                 address_space_bytes: bytes as u64,
@@ -209,7 +221,15 @@ impl<O> VmArena<O> {
             .block
             .view((address - state.base) as usize, bytes)
             .expect("a block lies inside the reservation");
-        Ok(Some((BlockRecord::boxed(view, owner), hit)))
+        let record = match state.spare_records.pop() {
+            Some(mut record) => {
+                record.block = view;
+                record.owner = owner;
+                record
+            }
+            None => BlockRecord::boxed(view, owner),
+        };
+        Ok(Some((record, hit)))
     }
 
     /// Handles none of whose pages a block uses: each is first marked with fences recorded now
@@ -406,11 +426,21 @@ impl<O> VmState<O> {
     fn insert_free(&mut self, address: u64, bytes: usize, key: u64, epoch: u64) {
         self.free.insert((key, bytes, address));
         self.free_at.insert(address, (bytes, key, epoch));
+        match self.ranges_per_key.iter_mut().find(|(on, _)| *on == key) {
+            Some((_, count)) => *count += 1,
+            None => self.ranges_per_key.push((key, 1)),
+        }
     }
 
     fn remove_free(&mut self, address: u64) -> (usize, u64, u64) {
         let (bytes, key, epoch) = self.free_at.remove(&address).expect("a free range");
         self.free.remove(&(key, bytes, address));
+        if let Some(at) = self.ranges_per_key.iter().position(|(on, _)| *on == key) {
+            self.ranges_per_key[at].1 -= 1;
+            if self.ranges_per_key[at].1 == 0 {
+                self.ranges_per_key.swap_remove(at);
+            }
+        }
         // A fence covers the range as it was: once split or merged, it is fenced anew.
         self.retiring.remove(&address);
         (bytes, key, epoch)
@@ -431,6 +461,13 @@ impl<O> VmState<O> {
         stream: StreamId,
         fence_after: &mut dyn FnMut(StreamId) -> Option<Arc<dyn Fence>>,
     ) {
+        let others = self
+            .ranges_per_key
+            .iter()
+            .any(|&(key, _)| key != FRESH && key != stream.0);
+        if !others {
+            return; // nothing another stream holds: the common single-stream case
+        }
         let done: Vec<u64> = self
             .retiring
             .iter()
@@ -628,6 +665,11 @@ impl<O> Pool<O> for VmArena<O> {
         } else {
             state.live.remove(&address);
             state.release_block(address, bytes, returned.pending.stream, returned.epoch);
+        }
+        if state.spare_records.len() < MAX_SPARE_RECORDS {
+            let mut record = returned.record;
+            record.owner = None;
+            state.spare_records.push(record);
         }
         None
     }

@@ -2,11 +2,11 @@
 //! its segment), the free blocks ordered for best fit, and the splitting and merging.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeSet;
 
 use super::MIN_SPLIT_BYTES;
 use crate::kind::StreamId;
+use crate::pools::address_map::AddressMap;
 use crate::pools::pending::Pending;
 use crate::pools::record::{BlockRecord, IdleBlock};
 use crate::stats::LargeStats;
@@ -18,29 +18,6 @@ pub(super) enum State {
     /// Freed, but fenced work may still use it.
     Gated,
 }
-
-/// Hashes block addresses (multiples of 512) with one multiplication: SipHash's protection
-/// against chosen keys is not needed for addresses the pool made itself, and its cost shows on
-/// every large request. (Five lines, so no crate for it.)
-#[derive(Default)]
-pub(super) struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from(byte)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, value: u64) {
-        self.0 = (value >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-pub(super) type AddressMap<V> = HashMap<u64, V, BuildHasherDefault<AddressHasher>>;
 
 pub(super) struct LargeBlock<O> {
     /// The record handed out last time, kept for the next owner (saves an allocation).

@@ -38,6 +38,8 @@ pub(super) struct DevicePool {
     pub virtual_arena: Option<VmArena<Owner>>,
     /// The kind slot `virtual_arena` serves.
     pub virtual_slot: usize,
+    /// The device's memory, read once (a request above it never fits).
+    pub capacity_bytes: Option<u64>,
     pub failed_requests: AtomicU64,
     /// Requests per cache at the previous `defragment`.
     pub defragment_marks: Mutex<Vec<u64>>,
@@ -85,7 +87,9 @@ impl DevicePool {
         } else {
             open_virtual_arena(backend.as_ref(), config)
         };
+        let capacity_bytes = backend.memory_info().map(|info| info.total_bytes);
         Ok(DevicePool {
+            capacity_bytes,
             virtual_arena,
             virtual_slot,
             upstream: Upstream::new(backend, Budget::new(config.budget_bytes)),

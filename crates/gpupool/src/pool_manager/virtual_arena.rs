@@ -36,6 +36,16 @@ impl PoolManager {
         let block_bytes = requested_bytes
             .checked_next_multiple_of(VM_ROUNDING)
             .ok_or_else(too_large)?;
+        if let Some(capacity) = pool
+            .capacity_bytes
+            .filter(|&total| block_bytes as u64 > total)
+        {
+            // Larger than the device: no release could make it fit.
+            return Err(PoolError::TooLarge {
+                requested_bytes: requested_bytes as u64,
+                limit_bytes: capacity,
+            });
+        }
         let request = Request {
             requested_bytes,
             block_bytes,

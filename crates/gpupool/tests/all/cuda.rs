@@ -722,7 +722,10 @@ fn the_large_arena_gives_free_segments_back_when_the_device_is_full() -> TestRes
         return Ok(());
     };
     let total = backend.memory_info().expect("memory info").total_bytes as usize;
-    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    // The segment arena (virtual memory off): freed segments never merge, so 300 MiB fits
+    // only once some go back to the driver.
+    let manager =
+        MemoryManager::with_config(backend, config().virtual_memory_pages(None).build()?)?;
     const BIG: usize = 256 * MIB;
     let mut held = Vec::new();
     for _ in 0..(total / BIG + 8) {
@@ -1259,6 +1262,78 @@ fn virtual_memory_mapping_costs_per_page_size() -> TestResult {
             unmap_ns / 1e3
         );
     }
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 11: out of memory in the virtual-memory arena. The device is filled with 256 MiB
+/// blocks, every other one is freed (holes no 300 MiB request fits), and a 300 MiB request then
+/// needs new pages the device has no room for: the arena unmaps its free handles and retries,
+/// and it fits. A request larger than the device gets the error with the numbers; the live
+/// buffers keep their data.
+#[test]
+fn the_virtual_memory_arena_unmaps_free_handles_when_the_device_is_full() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    if backend.virtual_memory().is_none() {
+        eprintln!("cuda: device 0 has no virtual memory management; segments serve instead");
+        return Ok(());
+    }
+    let total = backend.memory_info().expect("memory info").total_bytes as usize;
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    const BIG: usize = 256 * MIB;
+    let mut held = Vec::new();
+    for _ in 0..(total / BIG + 8) {
+        match manager.allocate::<u32>(BIG / 4) {
+            Ok(buffer) => held.push(buffer),
+            Err(PoolError::OutOfMemory { .. }) => break,
+            Err(other) => return Err(other.into()),
+        }
+    }
+    assert!(
+        held.len() > 8,
+        "only {} blocks of 256 MiB fitted",
+        held.len()
+    );
+    let mut kept = Vec::new();
+    let last = held.len() - 1;
+    for (index, buffer) in held.into_iter().enumerate() {
+        // Every other block is freed; the last stays, so no free range borders fresh space.
+        if index % 2 == 0 || index == last {
+            fill(
+                &ctx,
+                buffer.device_address(),
+                index as u32,
+                BIG / 4,
+                StreamId::DEFAULT,
+            )?;
+            kept.push((index as u32, buffer));
+        }
+    }
+    synchronize(&ctx, StreamId::DEFAULT)?;
+    let releases_before = manager.stats().devices[0].large.backend_releases;
+    let bigger = manager.allocate::<u32>(300 * MIB / 4)?;
+    assert!(
+        manager.stats().devices[0].large.backend_releases > releases_before,
+        "free handles were unmapped to make room"
+    );
+    let never = manager.allocate_bytes(total + BIG);
+    assert!(
+        matches!(never, Err(PoolError::TooLarge { .. })),
+        "{never:?}"
+    );
+    for (value, buffer) in &kept {
+        expect_everywhere(
+            &ctx,
+            buffer.device_address(),
+            buffer.len(),
+            *value,
+            StreamId::DEFAULT,
+        )?;
+    }
+    drop((bigger, kept));
+    drop(manager);
     drop(turn);
     Ok(())
 }

@@ -11,7 +11,8 @@
 // pools           pools: class caches, the large arena, the bypass, GPU-lifetime rules
 // backends        backend: the Backend trait, blocks, fences; host, sim, cuda, metal
 // vocabulary      kind, error, size_class, config, stats, latency, sync
-// observation     dashboard, telemetry: read snapshots (and the front door, to serve them)
+// observation     observe: the dashboard and telemetry read snapshots (and the front door,
+//                 to serve them)
 
 mod front;
 mod pool_manager;
@@ -27,9 +28,10 @@ mod size_class;
 mod stats;
 mod sync;
 
-pub mod dashboard;
+mod observe;
+pub use observe::dashboard;
 #[cfg(feature = "prometheus")]
-pub mod telemetry;
+pub use observe::telemetry;
 
 /// Fences: markers in streams of GPU work (the backend layer's, re-exported where users of
 /// `PooledBuffer::used_by` look for them).

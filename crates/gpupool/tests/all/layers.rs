@@ -23,7 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("pools", &["pools"]),
     ("routing", &["pool_manager"]),
     ("front door", &["front"]),
-    ("observation", &["dashboard", "telemetry"]),
+    ("observation", &["observe"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -91,6 +91,10 @@ enum Command {
         /// large arena), 32 idle blocks per class (no byte allowance).
         #[arg(long)]
         seed_rules: bool,
+        /// With virtual memory: unmap free handles before mapping past the peak (a lower peak
+        /// on workloads whose block sizes change, for more driver calls).
+        #[arg(long)]
+        reclaim_at_peak: bool,
         /// Draw requested-live, in-use and reserved bytes over the trace into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -203,6 +207,7 @@ fn run(command: Command) -> Result<(), String> {
             format,
             steps_per_doubling,
             seed_rules,
+            reclaim_at_peak,
             plot,
             plot_every,
             dashboard: with_dashboard,
@@ -217,6 +222,7 @@ fn run(command: Command) -> Result<(), String> {
                 backend,
                 steps_per_doubling,
                 seed_rules,
+                reclaim_at_peak,
                 plot,
                 plot_every,
                 runs,

@@ -66,6 +66,8 @@ pub struct ReplayOptions {
     pub steps_per_doubling: usize,
     /// The seed's rules: every request in the size classes, 32 idle blocks per class.
     pub seed_rules: bool,
+    /// `PoolConfig::reclaim_at_peak`.
+    pub reclaim_at_peak: bool,
     /// Where to draw the memory timeline, if anywhere.
     pub plot: Option<PathBuf>,
     /// Events between two timeline samples.
@@ -264,6 +266,7 @@ fn manager(
 ) -> Result<MemoryManager, PoolError> {
     let mut config = PoolConfig::builder()
         .steps_per_doubling(options.steps_per_doubling)
+        .reclaim_at_peak(options.reclaim_at_peak)
         .maintenance_interval(Duration::ZERO);
     if options.seed_rules {
         config = config

@@ -160,7 +160,11 @@ fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmAr
     match memory.reserve(address_bytes) {
         Ok(reservation) => {
             tracing::info!(address_bytes, page_bytes, "virtual-memory arena reserved");
-            Some(VmArena::new(reservation, page_bytes))
+            Some(VmArena::new(
+                reservation,
+                page_bytes,
+                config.reclaim_at_peak,
+            ))
         }
         Err(error) => {
             tracing::warn!(

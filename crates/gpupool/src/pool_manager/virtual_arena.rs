@@ -129,28 +129,28 @@ impl PoolManager {
                 .inspect_err(|error| tracing::warn!(?error, "no fence to retire free space"))
                 .ok()
         };
-        arena.take_or_map(
-            request,
-            self.this.upgrade(),
-            fence_after,
-            |address, bytes| {
-                if !budget.try_reserve(bytes as u64) {
-                    return Err(BackendError::TooLarge {
-                        limit: budget.limit(),
-                    });
+        let map = |address, bytes: usize| {
+            if !budget.try_reserve(bytes as u64) {
+                return Err(BackendError::TooLarge {
+                    limit: budget.limit(),
+                });
+            }
+            match memory.map(address, bytes) {
+                Ok(()) => {
+                    budget.allocated(bytes as u64);
+                    Ok(())
                 }
-                match memory.map(address, bytes) {
-                    Ok(()) => {
-                        budget.allocated(bytes as u64);
-                        Ok(())
-                    }
-                    Err(error) => {
-                        budget.unreserve(bytes as u64);
-                        Err(error)
-                    }
+                Err(error) => {
+                    budget.unreserve(bytes as u64);
+                    Err(error)
                 }
-            },
-        )
+            }
+        };
+        let unmap = |address, bytes: usize| {
+            memory.unmap(address, bytes);
+            budget.released(bytes as u64);
+        };
+        arena.take_or_map(request, self.this.upgrade(), fence_after, map, unmap)
     }
 
     /// Maps the pages for `count` blocks of `bytes` on `stream` (one range, taken and given

@@ -97,6 +97,10 @@ pub(crate) struct VmState<O> {
     /// Records of returned blocks, kept for the next blocks handed out (saves an allocation
     /// and a free per request).
     spare_records: Vec<Box<BlockRecord<O>>>,
+    /// The most pages mapped at once so far.
+    peak_mapped_pages: usize,
+    /// Unmap free handles before mapping past `peak_mapped_pages` (`reclaim_at_peak`).
+    reclaim_at_peak: bool,
     /// The stream of the last request that had to map pages: the one a snapshot at a new peak
     /// explains (its free space was fragmentation; other streams' was theirs).
     last_mapping_stream: StreamId,
@@ -111,7 +115,7 @@ pub(crate) struct VmArena<O> {
 impl<O> VmArena<O> {
     /// An arena over `reservation` (a multiple of `page_bytes`, from
     /// `VirtualMemory::reserve`), with nothing mapped yet.
-    pub fn new(reservation: Block, page_bytes: usize) -> VmArena<O> {
+    pub fn new(reservation: Block, page_bytes: usize, reclaim_at_peak: bool) -> VmArena<O> {
         let base = reservation.device_address();
         let bytes = reservation.bytes();
         let pages = (0..bytes / page_bytes)
@@ -133,6 +137,8 @@ impl<O> VmArena<O> {
             gated: Vec::new(),
             retiring: HashMap::new(),
             spare_records: Vec::new(),
+            peak_mapped_pages: 0,
+            reclaim_at_peak,
             ranges_per_key: Vec::new(),
             last_mapping_stream: StreamId::DEFAULT,
             counters: LargeStats {
@@ -163,12 +169,17 @@ impl<O> VmArena<O> {
     /// value tells whether it was a hit (no page had to be mapped).
     /// `fence_after(stream)` records a fence on another stream, to retire its free ranges
     /// (`None`: not now).
+    ///
+    /// With `reclaim_at_peak`, before it maps new pages past its highest mapping so far, the
+    /// arena unmaps wholly free handles whose work is done (`unmap(address, bytes)` for each),
+    /// as many as the excess: memory moves to where it is wanted instead of growing the peak.
     pub fn take_or_map<E>(
         &self,
         request: &Request,
         owner: Option<O>,
         mut fence_after: impl FnMut(StreamId) -> Option<Arc<dyn Fence>>,
         mut map: impl FnMut(u64, usize) -> Result<(), E>,
+        mut unmap: impl FnMut(u64, usize),
     ) -> Result<Option<Placed<O>>, E> {
         let mut state = self.lock();
         state.ungate();
@@ -200,6 +211,15 @@ impl<O> VmArena<O> {
                 .take_while(|&next| state.pages[next].handle.is_none())
                 .count();
             let run_address = state.base + (page * state.page_bytes) as u64;
+            // Only where mapping would take the arena past its highest mapping so far:
+            // below it, free pages stay mapped for the blocks that will want them (moving
+            // memory at every miss cost vit_varres ten times the driver calls).
+            let mapped_pages = state.counters.segment_bytes as usize / state.page_bytes;
+            let over_peak = (mapped_pages + run).saturating_sub(state.peak_mapped_pages);
+            if state.reclaim_at_peak && over_peak > 0 {
+                let block_pages = pages.clone();
+                state.reclaim(over_peak, &block_pages, &mut fence_after, &mut unmap);
+            }
             if let Err(error) = map(run_address, run * state.page_bytes) {
                 state.free_range(address, bytes, key, epoch);
                 return Err(error);
@@ -446,6 +466,54 @@ impl<O> VmState<O> {
         (bytes, key, epoch)
     }
 
+    /// Unmaps wholly free handles outside `block_pages` whose work is done, until `pages`
+    /// pages' worth are unmapped or none is left: each gets fences on its pages' last
+    /// streams (recorded now if it had none) and goes only once they have all completed.
+    fn reclaim(
+        &mut self,
+        pages: usize,
+        block_pages: &std::ops::RangeInclusive<usize>,
+        fence_after: &mut dyn FnMut(StreamId) -> Option<Arc<dyn Fence>>,
+        unmap: &mut dyn FnMut(u64, usize),
+    ) {
+        let mut reclaimed = 0;
+        let firsts: Vec<usize> = self.handles.keys().copied().collect();
+        for first in firsts {
+            if reclaimed >= pages {
+                break;
+            }
+            let count = self.handles[&first].pages;
+            let last = first + count - 1;
+            let overlaps_block = first <= *block_pages.end() && last >= *block_pages.start();
+            if overlaps_block || (first..=last).any(|page| self.pages[page].used_bytes != 0) {
+                continue;
+            }
+            if self.handles[&first].unmapping.is_none() {
+                let mut streams: Vec<StreamId> = (first..=last)
+                    .map(|page| self.pages[page].last_stream)
+                    .collect();
+                streams.sort_unstable_by_key(|stream| stream.0);
+                streams.dedup();
+                let fences: Option<Vec<Arc<dyn Fence>>> =
+                    streams.into_iter().map(&mut *fence_after).collect();
+                let Some(fences) = fences else { continue };
+                self.handles.get_mut(&first).expect("listed").unmapping = Some(fences);
+            }
+            let ready = self.handles[&first]
+                .unmapping
+                .as_ref()
+                .is_some_and(|fences| fences.iter().all(|fence| fence.is_complete()));
+            if ready {
+                self.handle_unmapped(first);
+                unmap(
+                    self.base + (first * self.page_bytes) as u64,
+                    count * self.page_bytes,
+                );
+                reclaimed += count;
+            }
+        }
+    }
+
     /// Whether a free range of the stream's own holds `bytes`.
     fn fits_own(&self, stream: StreamId, bytes: usize) -> bool {
         self.free
@@ -565,6 +633,8 @@ impl<O> VmState<O> {
             },
         );
         let bytes = (pages * self.page_bytes) as u64;
+        let mapped = (self.counters.segment_bytes + bytes) as usize / self.page_bytes;
+        self.peak_mapped_pages = self.peak_mapped_pages.max(mapped);
         let counters = &mut self.counters;
         counters.backend_allocations += 1;
         counters.segments += 1;
@@ -629,7 +699,7 @@ impl<O> VmState<O> {
 impl<O> Pool<O> for VmArena<O> {
     /// Only free space already mapped: a request that needs pages goes through `take_or_map`.
     fn take(&self, request: &Request) -> Option<Box<BlockRecord<O>>> {
-        self.take_or_map(request, None, |_| None, |_, _| Err(()))
+        self.take_or_map(request, None, |_| None, |_, _| Err(()), |_, _| {})
             .ok()
             .flatten()
             .map(|(record, _)| record)

@@ -191,6 +191,8 @@ fn build(pool: &PoolSetup, device: &DeviceSetup) -> (MemoryManager, SimBackend) 
         .budget_bytes(pool.budget_bytes)
         .large_threshold_bytes(pool.large_threshold)
         .zero_on_reuse(pool.zero_on_reuse)
+        // Reclaiming before the peak is exercised with virtual memory on odd capacities.
+        .reclaim_at_peak(device.capacity_bytes % 2 == 1)
         .shards(pool.shards)
         .maintenance_interval(Duration::ZERO);
     if let Some((blocks, bytes, keep)) = pool.idle_caps {

@@ -214,3 +214,25 @@ fn another_stream_reuses_freed_space_once_a_fence_on_its_stream_completed() {
     assert_consistent(&manager.stats(), &sim);
     drop((first, second, tail));
 }
+
+#[test]
+fn reclaim_at_peak_moves_free_pages_instead_of_growing_the_peak() {
+    for (reclaim, expected_peak) in [(false, 12 * MIB), (true, 8 * MIB)] {
+        let (manager, sim) = sim_manager_on(
+            vm_device(1 << 30, false),
+            defaults().reclaim_at_peak(reclaim),
+        );
+        let first = manager.allocate_bytes(4 * MIB).unwrap();
+        let kept = manager.allocate_bytes(2 * MIB).unwrap();
+        drop(first);
+        // 6 MiB fits neither the 4 MiB hole nor any mapped space: new pages are needed.
+        let bigger = manager.allocate_bytes(6 * MIB).unwrap();
+        let stats = manager.stats();
+        assert_eq!(
+            stats.totals.peak_reserved_bytes, expected_peak as u64,
+            "reclaim_at_peak({reclaim})"
+        );
+        assert_consistent(&stats, &sim);
+        drop((kept, bigger));
+    }
+}

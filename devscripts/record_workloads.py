@@ -19,15 +19,16 @@ Workloads (each a few seconds to ~a minute on an H200, 10k-200k events at --scal
   gpt2_generate      GPT-2-small-sized LM (12 layers, 768 wide, bf16) generating with a growing
                      KV cache: a manual decode loop over past_key_values (transformers'
                      DynamicCache, which grows by concatenation), sampling, four requests of
-                     batch 1-8, prompts of 48-400 tokens, 96-160 new tokens each.
-  effnet_prefetch    EfficientNet-B0 training (fp32, SGD) on uint8 image batches copied to the
+                     batch 1-8, prompts of 48-400 tokens, 40-128 new tokens each (280 decoding
+                     steps; each step costs ~650 allocator events).
+  effnet_prefetch    EfficientNet-B0 training (fp32, SGD, 40 steps) on uint8 image batches copied to the
                      GPU on a side stream one step ahead, handed to the compute stream with
                      wait_stream + Tensor.record_stream (so their frees are delayed until the
                      compute stream is done with them), batch 32-96, resolution 160-224.
   bert_serve_2stream BERT-base encoder inference (bf16) serving requests from two threads, each
-                     on its own torch.cuda.Stream, batch 1-32 x sequence 16-384 with padding
-                     masks, results copied back to the host.
-  vit_varres_train   ViT-B/16 training with bf16 autocast and AdamW at varying batch (16-64) and
+                     on its own torch.cuda.Stream, 120 requests each, batch 1-32 x sequence
+                     16-384 with padding masks, results copied back to the host.
+  vit_varres_train   ViT-B/16 training (40 steps) with bf16 autocast and AdamW at varying batch (16-64) and
                      resolution (160-288): timm's vit_base_patch16_224 with dynamic_img_size
                      when timm is there, else torchvision's vit_b_16 at 224 with varying batch.
 
@@ -326,7 +327,8 @@ def wl_gpt2_generate(scale):
     cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
     model = GPT2LMHeadModel(cfg).to("cuda", dtype=torch.bfloat16).eval()
     # (batch, prompt tokens, new tokens)
-    requests = [(1, 48, 160), (4, 200, 128), (8, 96, 96), (2, 400, 128)]
+    # About 650 trace events per decoding step: 280 steps give ~180k events.
+    requests = [(1, 48, 128), (4, 200, 56), (8, 96, 40), (2, 400, 56)]
     done = 0
     with torch.inference_mode():
         for bs, plen, new in requests:
@@ -357,7 +359,7 @@ def wl_effnet_prefetch(scale):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
                           weight_decay=1e-5)
     plan_cycle = [(64, 224), (32, 224), (96, 160), (48, 192), (80, 176)]
-    steps = max(3, int(30 * scale))
+    steps = max(3, int(40 * scale))  # ~2.5k events a step
     plan = [plan_cycle[i % len(plan_cycle)] for i in range(steps)]
     host_x = {}
     host_y = {}
@@ -403,7 +405,7 @@ def wl_bert_serve_2stream(scale):
     torch.manual_seed(0)
     cfg = BertConfig()  # BERT-base: 12 layers, 768 wide, 12 heads
     model = BertModel(cfg, add_pooling_layer=False).to("cuda", dtype=torch.bfloat16).eval()
-    n_requests = max(4, int(120 * scale))
+    n_requests = max(4, int(120 * scale))  # ~600 events a request
     errors = []
     served = [0, 0]
 
@@ -457,7 +459,7 @@ def wl_vit_varres_train(scale):
         source = f"torchvision vit_b_16, fixed 224 (timm unavailable: {exc!r})"
     model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    steps = max(3, int(30 * scale))
+    steps = max(3, int(40 * scale))  # ~2.6k events a step
     for i in range(steps):
         bs, res = plan_cycle[i % len(plan_cycle)]
         x = torch.randn(bs, 3, res, res, device="cuda")

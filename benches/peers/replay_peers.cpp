@@ -10,8 +10,9 @@
 //              configuration is first used: run it with
 //              PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for expandable segments. The
 //              program reads the setting back (AcceleratorAllocatorConfig) and checks after
-//              the first run that expandable segments really exist (getExpandableSegmentSizes),
-//              and fails when they were asked for but none was made.
+//              each run, from the allocator's snapshot, that expandable segments really exist
+//              (SegmentInfo::is_expandable), and fails when they were asked for but none was
+//              made (or made though not asked for).
 //   cuda-pool  the CUDA stream-ordered allocator: a pool made by cudaMemPoolCreate on device 0
 //              with release threshold UINT64_MAX (it keeps everything it reserved),
 //              cudaMallocFromPoolAsync / cudaFreeAsync.
@@ -292,7 +293,11 @@ struct PyTorchPeer {
         namespace A = c10::cuda::CUDACachingAllocator;
         cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
         auto stats = A::getDeviceStats(0);
-        size_t seen = A::getExpandableSegmentSizes(0).size();
+        // Segments are still mapped here (emptyCache below releases them): count the
+        // expandable ones in the allocator's own snapshot.
+        size_t seen = 0;
+        for (const auto& segment : A::snapshot().segments)
+            if (segment.is_expandable) ++seen;
         expandable_segments_seen = std::max(expandable_segments_seen, seen);
         A::emptyCache();
         return static_cast<uint64_t>(stats.reserved_bytes[0].peak);

@@ -17,7 +17,6 @@ impl PoolManager {
         pool.upstream.reap(true);
         if pool.virtual_arena.is_some() {
             // The one place the pool waits for the device: out of memory or budget.
-            let _ = pool.backend().wait_for_all();
             report.add(self.unmapped_report(pool, true));
         }
         report

@@ -113,24 +113,37 @@ impl<O> Upstream<O> {
     }
 
     /// Releases the deferred blocks whose GPU work has finished; with `wait`, synchronises
-    /// the device first and releases them all.
+    /// the device first and releases every block deferred before it.
     pub fn reap(&self, wait: bool) {
         if self.deferred_count.load(Ordering::Relaxed) == 0 {
             return;
         }
         if wait {
+            // Only the blocks deferred before the wait are known to be done after it: blocks
+            // deferred meanwhile keep waiting for their fences.
+            let before: Vec<IdleBlock<O>> = {
+                let mut list = self.deferred_list();
+                let taken = std::mem::take(&mut *list);
+                self.deferred_count.store(0, Ordering::Relaxed);
+                taken
+            };
             if let Err(error) = self.backend.wait_for_all() {
-                tracing::warn!(
-                    ?error,
-                    "synchronize before releasing deferred blocks failed"
-                );
+                tracing::warn!(?error, "waiting before releasing deferred blocks failed");
+                let mut list = self.deferred_list();
+                list.extend(before);
+                self.deferred_count.store(list.len(), Ordering::Relaxed);
+                return;
             }
+            for record in before {
+                self.release_now(record.into_block());
+            }
+            return;
         }
         let ready: Vec<IdleBlock<O>> = {
             let mut list = self.deferred_list();
             let mut ready = Vec::new();
             for mut record in std::mem::take(&mut *list) {
-                if wait || record.pending.is_idle() {
+                if record.pending.is_idle() {
                     ready.push(record);
                 } else {
                     list.push(record);

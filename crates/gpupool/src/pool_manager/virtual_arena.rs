@@ -227,29 +227,43 @@ impl PoolManager {
         owner
     }
 
-    /// Unmaps the pages no block uses once the work that last used them is done (`wait`: the
-    /// caller waited for all work). Returns the bytes unmapped.
+    /// Unmaps the arena's handles no block uses once the work that used them is done. With
+    /// `wait`, waits for all work first, so every handle freed before the wait goes. Returns
+    /// the bytes unmapped.
     pub(super) fn unmap_free_pages(&self, pool: &DevicePool, wait: bool) -> u64 {
         let Some(arena) = pool.virtual_arena.as_ref() else {
             return 0;
         };
         let backend = pool.backend();
-        let pages = arena.unmappable_pages(wait, |stream| {
-            backend
-                .fence_after(stream)
-                .inspect_err(|error| tracing::warn!(?error, "no fence for an unmap"))
-                .ok()
-        });
+        let waited = if wait {
+            let before = arena.free_count();
+            match backend.wait_for_all() {
+                Ok(()) => Some(before),
+                Err(error) => {
+                    tracing::warn!(?error, "waiting before unmapping failed; fences instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let memory = backend
             .virtual_memory()
             .expect("the arena exists only over it");
-        let mut unmapped = 0;
-        for (address, bytes) in pages {
-            memory.unmap(address, bytes);
-            pool.upstream.budget.released(bytes as u64);
-            unmapped += bytes as u64;
-        }
-        unmapped
+        let budget = &pool.upstream.budget;
+        arena.unmap_free_handles(
+            waited,
+            |stream| {
+                backend
+                    .fence_after(stream)
+                    .inspect_err(|error| tracing::warn!(?error, "no fence for an unmap"))
+                    .ok()
+            },
+            |address, bytes| {
+                memory.unmap(address, bytes);
+                budget.released(bytes as u64);
+            },
+        )
     }
 
     /// The pool's end (all work waited for): every page unmapped, the address space given back.

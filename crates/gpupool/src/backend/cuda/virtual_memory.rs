@@ -2,9 +2,11 @@
 //! from `cuMemAddressReserve`, physical pages from `cuMemCreate`, mapped with `cuMemMap` and
 //! made accessible with `cuMemSetAccess`; `cuMemUnmap` + `cuMemRelease` give a page back.
 //!
-//! Each `map` call creates one physical handle for the range it maps (the pool maps a page at
-//! a time), and the backend remembers the handle by address, because `cuMemUnmap` must undo
-//! exactly one mapping and the handle must be released after it.
+//! Each `map` call creates one physical handle for the range it maps (the pool maps each
+//! contiguous run of pages a block needs as one), and the backend remembers the handle by
+//! address, because `cuMemUnmap` must undo exactly one mapping and the handle must be released
+//! after it. Access is granted to the owning device only: peer devices and IPC cannot use
+//! these blocks yet.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -159,12 +161,15 @@ impl VirtualMemory for CudaBackend {
         // SAFETY: `address..address + mapped` is exactly one mapping made by `map` with
         // `handle` (removed from the books above, so it is undone once), and the pool calls
         // this only after the work that used it completed.
-        let outcome = unsafe { sys::cuMemUnmap(address, mapped) }
-            .result()
-            // SAFETY: the handle's only mapping is gone.
-            .and_then(|()| unsafe { sys::cuMemRelease(handle) }.result());
-        if let Err(error) = outcome {
-            tracing::warn!(error = %driver::describe(error), "unmapping a page failed");
+        if let Err(error) = unsafe { sys::cuMemUnmap(address, mapped) }.result() {
+            // Still mapped: keep the handle in the books rather than release memory in use.
+            tracing::warn!(error = %driver::describe(error), "cuMemUnmap failed; the range stays mapped");
+            self.mappings.handles().insert(address, (handle, mapped));
+            return;
+        }
+        // SAFETY: the handle's only mapping is gone.
+        if let Err(error) = unsafe { sys::cuMemRelease(handle) }.result() {
+            tracing::warn!(error = %driver::describe(error), "cuMemRelease failed");
         }
     }
 }

@@ -1,0 +1,111 @@
+//! Regressions from the review of the virtual-memory arena, against its books directly.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::*;
+use crate::backend::sim::{SimBackend, SimConfig, SIM_PAGE_BYTES};
+use crate::backend::{CompletedFence, VirtualMemory};
+use crate::pools::pending::Pending;
+
+const PAGE: usize = SIM_PAGE_BYTES;
+
+fn arena(pages: usize) -> VmArena<()> {
+    let sim = SimBackend::new(SimConfig {
+        virtual_memory: true,
+        ..SimConfig::default()
+    });
+    VmArena::new(sim.reserve(pages * PAGE).unwrap(), PAGE, false)
+}
+
+fn take(arena: &VmArena<()>, bytes: usize, stream: u64) -> Box<BlockRecord<()>> {
+    let request = Request {
+        requested_bytes: bytes,
+        block_bytes: bytes,
+        stream: StreamId(stream),
+        shard: 0,
+        served: true,
+    };
+    let done = |_| Some(Arc::new(CompletedFence) as Arc<dyn Fence>);
+    let (record, _) = arena
+        .take_or_map(&request, None, done, |_, _| Ok::<(), ()>(()), |_, _| {})
+        .unwrap()
+        .unwrap();
+    record
+}
+
+fn give(arena: &VmArena<()>, record: Box<BlockRecord<()>>, stream: u64) {
+    let bytes = record.block.bytes();
+    let returned = Returned {
+        record,
+        pending: Pending::on(StreamId(stream)),
+        requested_bytes: bytes,
+        shard: 0,
+        epoch: 0,
+    };
+    assert!(Pool::give_back(arena, returned, &AtomicBool::new(true)).is_none());
+}
+
+#[derive(Default)]
+struct Manual(AtomicBool);
+
+impl Fence for Manual {
+    fn is_complete(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Two streams freed blocks on one page; the unmap fenced only the page's last stream and
+/// unmapped the page under the other stream's queued work.
+#[test]
+fn an_unmap_waits_for_every_stream_that_freed_on_the_page() {
+    let arena = arena(8);
+    let first = take(&arena, PAGE / 2, 1);
+    let second = take(&arena, PAGE / 2, 2);
+    assert_eq!(
+        first.block.device_address() + (PAGE / 2) as u64,
+        second.block.device_address(),
+        "one page"
+    );
+    give(&arena, first, 1);
+    give(&arena, second, 2);
+    let stream_one = Arc::new(Manual::default());
+    let mut unmapped = Vec::new();
+    let fence_after = |stream: StreamId| {
+        Some(if stream.0 == 1 {
+            stream_one.clone() as Arc<dyn Fence>
+        } else {
+            Arc::new(CompletedFence) as Arc<dyn Fence>
+        })
+    };
+    arena.unmap_free_handles(None, fence_after, |address, bytes| {
+        unmapped.push((address, bytes))
+    });
+    assert!(unmapped.is_empty(), "unmapped under stream 1's work");
+    stream_one.0.store(true, Ordering::Release);
+    arena.unmap_free_handles(
+        None,
+        |_| None,
+        |address, bytes| unmapped.push((address, bytes)),
+    );
+    assert_eq!(unmapped.len(), 1, "unmapped once stream 1's work is done");
+}
+
+/// After a device-wide wait, only handles freed before the wait may skip their fences.
+#[test]
+fn after_a_wait_only_frees_before_it_skip_the_fence() {
+    let arena = arena(8);
+    let early = take(&arena, PAGE, 1);
+    let late = take(&arena, PAGE, 1);
+    give(&arena, early, 1);
+    let before_wait = arena.free_count();
+    // Freed while the caller was waiting: its work may still be queued.
+    give(&arena, late, 1);
+    let pending = Arc::new(Manual::default());
+    let mut unmapped = 0;
+    arena.unmap_free_handles(
+        Some(before_wait),
+        |_| Some(pending.clone() as Arc<dyn Fence>),
+        |_, bytes| unmapped += bytes,
+    );
+    assert_eq!(unmapped, PAGE, "only the page freed before the wait");
+}

@@ -135,6 +135,24 @@ impl DevicePool {
             .chain(std::iter::once(&self.bypass as &dyn Pool<Owner>))
     }
 
+    /// The arena's end (all work waited for, or nothing ever used it): every handle unmapped,
+    /// the address space given back.
+    pub fn close_virtual_arena(&self) {
+        let Some(arena) = self.virtual_arena.as_ref() else {
+            return;
+        };
+        let memory = self
+            .backend()
+            .virtual_memory()
+            .expect("the arena's backend");
+        let (pages, reservation) = arena.take_everything();
+        for (address, bytes) in pages {
+            memory.unmap(address, bytes);
+            self.upstream.budget.released(bytes as u64);
+        }
+        memory.unreserve(reservation);
+    }
+
     /// Bytes committed to the budget now.
     pub fn reserved_now(&self) -> u64 {
         self.upstream.budget.committed()

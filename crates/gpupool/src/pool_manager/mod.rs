@@ -139,10 +139,17 @@ impl PoolManager {
             return Err(PoolError::InvalidConfig("no device to pool".into()));
         }
         let shards = config.shards.next_power_of_two();
-        let devices = backends
-            .into_iter()
-            .map(|backend| DevicePool::new(backend, &config, shards))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut devices = Vec::with_capacity(backends.len());
+        for backend in backends {
+            match DevicePool::new(backend, &config, shards) {
+                Ok(device) => devices.push(device),
+                Err(error) => {
+                    // The devices opened so far give their address space back.
+                    devices.iter().for_each(DevicePool::close_virtual_arena);
+                    return Err(error);
+                }
+            }
+        }
         Ok(Arc::new_cyclic(|this| PoolManager {
             pooling: AtomicBool::new(config.pooling),
             config,
@@ -367,7 +374,7 @@ impl Drop for PoolManager {
                 for segment in segments {
                     pool.upstream.release_now(segment.into_block());
                 }
-                self.close_virtual_arena(pool);
+                pool.close_virtual_arena();
             }
         }
     }

@@ -265,21 +265,4 @@ impl PoolManager {
             },
         )
     }
-
-    /// The pool's end (all work waited for): every page unmapped, the address space given back.
-    pub(super) fn close_virtual_arena(&self, pool: &DevicePool) {
-        let Some(arena) = pool.virtual_arena.as_ref() else {
-            return;
-        };
-        let memory = pool
-            .backend()
-            .virtual_memory()
-            .expect("the arena's backend");
-        let (pages, reservation) = arena.take_everything();
-        for (address, bytes) in pages {
-            memory.unmap(address, bytes);
-            pool.upstream.budget.released(bytes as u64);
-        }
-        memory.unreserve(reservation);
-    }
 }

@@ -263,3 +263,25 @@ fn a_trim_racing_allocations_never_maps_a_range_twice() {
     manager.trim(TrimLevel::Aggressive);
     assert_consistent(&manager.stats(), &sim);
 }
+
+/// Review regression: when a later device failed to open, the address space the earlier ones
+/// had reserved was never given back.
+#[test]
+fn a_device_that_fails_to_open_leaves_no_reservation_behind() {
+    let first = gpupool::backend::sim::SimBackend::new(vm_device(1 << 30, false));
+    let broken = gpupool::backend::sim::SimBackend::new(SimConfig {
+        kinds: Vec::new(),
+        ..SimConfig::default()
+    });
+    let backends: Vec<Arc<dyn gpupool::Backend>> = vec![Arc::new(first.clone()), Arc::new(broken)];
+    let config = defaults()
+        .maintenance_interval(std::time::Duration::ZERO)
+        .build()
+        .unwrap();
+    let opened = gpupool::MemoryManager::with_devices(backends, config);
+    assert!(
+        matches!(opened, Err(PoolError::InvalidConfig(_))),
+        "{opened:?}"
+    );
+    assert_eq!(first.counters().reserved_address_bytes, 0);
+}

@@ -197,14 +197,19 @@ impl PoolManager {
         })
     }
 
-    /// The pool for a request of `bytes` bytes of kind slot `slot`.
+    /// The pool for a request of `bytes` bytes of kind slot `slot` on `stream`.
     #[inline(always)]
-    fn route(&self, pool: &DevicePool, bytes: usize, slot: usize) -> Target {
+    fn route(&self, pool: &DevicePool, bytes: usize, slot: usize, stream: StreamId) -> Target {
         if !self.pooling.load(Ordering::Relaxed) {
             return Target::Bypass;
         }
         if bytes > pool.large_threshold {
-            if slot == pool.virtual_slot && pool.virtual_arena.is_some() {
+            // The arena keys free space by stream and marks space of no stream with the last
+            // id; a stream with that id (no real handle has it) uses segments instead.
+            if slot == pool.virtual_slot
+                && pool.virtual_arena.is_some()
+                && stream != crate::pools::vm_arena::NO_STREAM
+            {
                 return Target::Virtual;
             }
             return Target::Large(slot as u32);
@@ -229,7 +234,7 @@ impl PoolManager {
         }
         let pool = self.device(device)?;
         let (kind, slot) = pool.kind_slot(kind)?;
-        let result = match self.route(pool, bytes, slot) {
+        let result = match self.route(pool, bytes, slot, stream) {
             Target::Class(index) => self.allocate_in_class(pool, index, bytes, kind, stream),
             Target::Large(slot) => self.allocate_large(pool, slot, bytes, kind, stream),
             Target::Virtual => self.allocate_virtual(pool, bytes, stream),

@@ -285,3 +285,23 @@ fn a_device_that_fails_to_open_leaves_no_reservation_behind() {
     );
     assert_eq!(first.counters().reserved_address_bytes, 0);
 }
+
+/// Review regression: the arena's key for "no stream" was also a valid stream id, whose free
+/// space would then have served every stream at once.
+#[test]
+fn the_last_stream_id_is_served_by_segments_not_the_arena() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, true), defaults());
+    let odd = manager.allocate_with::<u8>(4 * MIB, on(u64::MAX)).unwrap();
+    assert!(odd.is_large());
+    let address = odd.device_address();
+    drop(odd);
+    let other = manager.allocate_with::<u8>(4 * MIB, on(1)).unwrap();
+    assert_ne!(
+        other.device_address(),
+        address,
+        "its space went to another stream"
+    );
+    assert_eq!(manager.stats().devices[0].large.prewarmed_segments, 0);
+    assert_consistent(&manager.stats(), &sim);
+    drop(other);
+}

@@ -50,8 +50,12 @@ pub(crate) type Placed<O> = (Box<BlockRecord<O>>, bool);
 /// Records kept for reuse at most (enough for the blocks a training step frees at once).
 const MAX_SPARE_RECORDS: usize = 256;
 
-/// The stream key of address space no block ever used: any stream may take it.
+/// The stream key of address space no queued work can touch: any stream may take it.
 const FRESH: u64 = u64::MAX;
+
+/// The one stream id the arena cannot serve (its key means "no stream"): the router sends
+/// requests on it to the segment arena.
+pub(crate) const NO_STREAM: StreamId = StreamId(FRESH);
 
 mod state;
 mod waste;

@@ -284,6 +284,7 @@ impl PoolManager {
         }
     }
 
+    /// A miss on the class path, out of line so the hit path stays short.
     #[cold]
     #[inline(never)]
     fn class_miss(

@@ -223,6 +223,25 @@ impl SimBackend {
         }
     }
 
+    /// One attempt to take `bytes` of the device (an allocation or a mapping): its latency,
+    /// then capacity and injected faults; the ledger, locked, when it may go ahead.
+    fn attempt(&self, bytes: usize) -> Result<std::sync::MutexGuard<'_, Ledger>, BackendError> {
+        self.spend_latency(bytes);
+        let mut ledger = self.ledger();
+        ledger.attempts += 1;
+        let over_capacity = ledger.counters.live_bytes + bytes as u64 > self.config.capacity_bytes;
+        if over_capacity || self.injected_fault(&mut ledger) {
+            ledger.counters.refusals += 1;
+            return Err(match (over_capacity, self.config.fault_kind) {
+                (false, FaultKind::DriverError) => {
+                    BackendError::Driver("injected driver fault".into())
+                }
+                _ => BackendError::OutOfMemory,
+            });
+        }
+        Ok(ledger)
+    }
+
     fn spend_latency(&self, bytes: usize) {
         let cost = self.config.fixed_latency
             + Duration::from_nanos((self.config.latency_ns_per_byte * bytes as f64) as u64);
@@ -258,19 +277,7 @@ impl Backend for SimBackend {
                 limit: self.config.capacity_bytes,
             });
         }
-        self.spend_latency(bytes);
-        let mut ledger = self.ledger();
-        ledger.attempts += 1;
-        let over_capacity = ledger.counters.live_bytes + bytes as u64 > self.config.capacity_bytes;
-        if over_capacity || self.injected_fault(&mut ledger) {
-            ledger.counters.refusals += 1;
-            return Err(match (over_capacity, self.config.fault_kind) {
-                (false, FaultKind::DriverError) => {
-                    BackendError::Driver("injected driver fault".into())
-                }
-                _ => BackendError::OutOfMemory,
-            });
-        }
+        let mut ledger = self.attempt(bytes)?;
         let address = ledger.next_address;
         ledger.next_address += (bytes as u64).next_multiple_of(BLOCK_ALIGN as u64);
         ledger.live.insert(address, bytes);
@@ -350,19 +357,7 @@ impl VirtualMemory for SimBackend {
     }
 
     fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
-        self.spend_latency(bytes);
-        let mut ledger = self.ledger();
-        ledger.attempts += 1;
-        let over_capacity = ledger.counters.live_bytes + bytes as u64 > self.config.capacity_bytes;
-        if over_capacity || self.injected_fault(&mut ledger) {
-            ledger.counters.refusals += 1;
-            return Err(match (over_capacity, self.config.fault_kind) {
-                (false, FaultKind::DriverError) => {
-                    BackendError::Driver("injected driver fault".into())
-                }
-                _ => BackendError::OutOfMemory,
-            });
-        }
+        let mut ledger = self.attempt(bytes)?;
         if ledger.live.insert(address, bytes).is_some() {
             ledger.counters.invalid_releases += 1; // mapped twice: as wrong as a double free
         }

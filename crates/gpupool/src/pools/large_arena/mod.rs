@@ -59,7 +59,7 @@ pub(crate) fn segment_bytes_for(bytes: usize) -> Option<usize> {
 
 mod state;
 
-use self::state::{LargeBlock, LargeState, Segment, State};
+use self::state::{LargeState, Segment, State};
 
 /// The large-block arena of one device and memory kind.
 pub(crate) struct LargePool<O> {
@@ -90,74 +90,21 @@ impl<O> LargePool<O> {
         owner: Option<O>,
         served: bool,
     ) -> Box<BlockRecord<O>> {
-        let base = segment.device_address();
-        let segment_bytes = segment.bytes();
         let mut state = self.lock();
         if served {
             state.request_served(false);
         }
-        state.counters.backend_allocations += 1;
-        state.counters.segments += 1;
-        state.counters.segment_bytes += segment_bytes as u64;
-        state.counters.free_bytes += segment_bytes as u64;
-        state.blocks.insert(
-            base,
-            LargeBlock {
-                record: None,
-                segment: base,
-                bytes: segment_bytes,
-                state: State::Free,
-                stream,
-                prev: None,
-                next: None,
-                epoch: 0,
-                freed_at: 0,
-            },
-        );
-        state.free.insert((stream.0, segment_bytes, base));
-        state.segments.insert(
-            base,
-            Segment {
-                record: BlockRecord::boxed(segment, None),
-            },
-        );
+        let base = state.insert_segment(segment, stream, 0, 0);
         state.hand_out(base, bytes, requested_bytes, owner)
     }
 
     /// Adds a fresh segment that served no request yet (prewarming): all of it free on
     /// `stream`, counted as a backend allocation.
     pub fn add_free_segment(&self, segment: Block, stream: StreamId, epoch: u64) {
-        let base = segment.device_address();
-        let segment_bytes = segment.bytes();
         let mut state = self.lock();
+        state.counters.prewarmed_segments += 1;
         let requests = state.counters.requests;
-        let counters = &mut state.counters;
-        counters.backend_allocations += 1;
-        counters.prewarmed_segments += 1;
-        counters.segments += 1;
-        counters.segment_bytes += segment_bytes as u64;
-        counters.free_bytes += segment_bytes as u64;
-        state.blocks.insert(
-            base,
-            LargeBlock {
-                record: None,
-                segment: base,
-                bytes: segment_bytes,
-                state: State::Free,
-                stream,
-                prev: None,
-                next: None,
-                epoch,
-                freed_at: requests,
-            },
-        );
-        state.free.insert((stream.0, segment_bytes, base));
-        state.segments.insert(
-            base,
-            Segment {
-                record: BlockRecord::boxed(segment, None),
-            },
-        );
+        state.insert_segment(segment, stream, epoch, requests);
     }
 
     /// Takes a block back; it becomes reusable on its stream (or waits for its fences).

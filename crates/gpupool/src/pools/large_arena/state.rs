@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use super::MIN_SPLIT_BYTES;
+use crate::backend::Block;
 use crate::kind::StreamId;
 use crate::pools::address_map::AddressMap;
 use crate::pools::pending::Pending;
@@ -60,6 +61,46 @@ impl<O> Default for LargeState<O> {
 }
 
 impl<O> LargeState<O> {
+    /// A fresh segment from the backend, all of it one free block on `stream` (freed in
+    /// `epoch`, at arena request `freed_at`), counted as allocated; returns its base address.
+    pub(super) fn insert_segment(
+        &mut self,
+        segment: Block,
+        stream: StreamId,
+        epoch: u64,
+        freed_at: u64,
+    ) -> u64 {
+        let base = segment.device_address();
+        let segment_bytes = segment.bytes();
+        let counters = &mut self.counters;
+        counters.backend_allocations += 1;
+        counters.segments += 1;
+        counters.segment_bytes += segment_bytes as u64;
+        counters.free_bytes += segment_bytes as u64;
+        self.blocks.insert(
+            base,
+            LargeBlock {
+                record: None,
+                segment: base,
+                bytes: segment_bytes,
+                state: State::Free,
+                stream,
+                prev: None,
+                next: None,
+                epoch,
+                freed_at,
+            },
+        );
+        self.free.insert((stream.0, segment_bytes, base));
+        self.segments.insert(
+            base,
+            Segment {
+                record: BlockRecord::boxed(segment, None),
+            },
+        );
+        base
+    }
+
     pub fn counters(&self) -> &LargeStats {
         &self.counters
     }

@@ -224,7 +224,13 @@ impl<O> VmArena<O> {
     ) -> u64 {
         let mut state = self.lock();
         state.ungate();
+        // One fence per stream for the whole walk: every handle was freed before it began.
         let mut fences: Vec<(StreamId, Arc<dyn Fence>)> = Vec::new();
+        let mut fence_once_per_stream =
+            |stream: StreamId| match fences.iter().find(|(on, _)| *on == stream) {
+                Some((_, fence)) => Some(fence.clone()),
+                None => fence_after(stream).inspect(|fence| fences.push((stream, fence.clone()))),
+            };
         let mut unmapped = 0;
         let firsts: Vec<usize> = state.handles.keys().copied().collect();
         for first in firsts {
@@ -235,38 +241,8 @@ impl<O> VmArena<O> {
             let waited_for = waited.is_some_and(|count| {
                 (first..first + pages).all(|page| state.pages[page].freed_at <= count)
             });
-            if !waited_for && state.handles[&first].unmapping.is_none() {
-                let mut handle_fences = Vec::new();
-                for stream in state.handle_streams(first, pages) {
-                    let fence = match fences.iter().find(|(on, _)| *on == stream) {
-                        Some((_, fence)) => Some(fence.clone()),
-                        None => fence_after(stream).inspect(|fence| {
-                            fences.push((stream, fence.clone()));
-                        }),
-                    };
-                    match fence {
-                        Some(fence) => handle_fences.push(fence),
-                        None => {
-                            // No fence: the handle stays mapped until a later attempt.
-                            handle_fences.clear();
-                            break;
-                        }
-                    }
-                }
-                if !handle_fences.is_empty() {
-                    state.handles.get_mut(&first).expect("listed").unmapping = Some(handle_fences);
-                }
-            }
-            let ready = waited_for
-                || state.handles[&first]
-                    .unmapping
-                    .as_ref()
-                    .is_some_and(|fences| fences.iter().all(|fence| fence.is_complete()));
-            if ready {
-                state.handle_unmapped(first);
-                let bytes = pages * state.page_bytes;
-                unmap(state.base + (first * state.page_bytes) as u64, bytes);
-                unmapped += bytes as u64;
+            if waited_for || state.free_handle_ready(first, &mut fence_once_per_stream) {
+                unmapped += state.unmap_handle(first, &mut unmap) as u64;
             }
         }
         unmapped

@@ -180,28 +180,49 @@ impl<O> VmState<O> {
             if overlaps_block || (first..=last).any(|page| self.pages[page].used_bytes != 0) {
                 continue;
             }
-            if self.handles[&first].unmapping.is_none() {
-                let fences: Option<Vec<Arc<dyn Fence>>> = self
-                    .handle_streams(first, count)
-                    .into_iter()
-                    .map(&mut *fence_after)
-                    .collect();
-                let Some(fences) = fences else { continue };
-                self.handles.get_mut(&first).expect("listed").unmapping = Some(fences);
-            }
-            let ready = self.handles[&first]
-                .unmapping
-                .as_ref()
-                .is_some_and(|fences| fences.iter().all(|fence| fence.is_complete()));
-            if ready {
-                self.handle_unmapped(first);
-                unmap(
-                    self.base + (first * self.page_bytes) as u64,
-                    count * self.page_bytes,
-                );
+            if self.free_handle_ready(first, fence_after) {
+                self.unmap_handle(first, unmap);
                 reclaimed += count;
             }
         }
+    }
+
+    /// Whether the free handle at `first` may be unmapped now: the fences on every stream that
+    /// freed space on it (recorded now if it had none; `None` from `fence_after` leaves it
+    /// mapped until a later attempt) have all completed.
+    pub(super) fn free_handle_ready(
+        &mut self,
+        first: usize,
+        fence_after: &mut dyn FnMut(StreamId) -> Option<Arc<dyn Fence>>,
+    ) -> bool {
+        if self.handles[&first].unmapping.is_none() {
+            let count = self.handles[&first].pages;
+            let fences: Option<Vec<Arc<dyn Fence>>> = self
+                .handle_streams(first, count)
+                .into_iter()
+                .map(&mut *fence_after)
+                .collect();
+            let Some(fences) = fences else {
+                return false;
+            };
+            self.handles.get_mut(&first).expect("listed").unmapping = Some(fences);
+        }
+        self.handles[&first]
+            .unmapping
+            .as_ref()
+            .is_some_and(|fences| fences.iter().all(|fence| fence.is_complete()))
+    }
+
+    /// Unmaps the handle at `first` in the books and through `unmap`; returns its bytes.
+    pub(super) fn unmap_handle(
+        &mut self,
+        first: usize,
+        unmap: &mut dyn FnMut(u64, usize),
+    ) -> usize {
+        let bytes = self.handles[&first].pages * self.page_bytes;
+        self.handle_unmapped(first);
+        unmap(self.base + (first * self.page_bytes) as u64, bytes);
+        bytes
     }
 
     /// Every stream whose work may still touch the handle of `count` pages from `first`: the
@@ -249,16 +270,7 @@ impl<O> VmState<O> {
         if !others {
             return; // nothing another stream holds: the common single-stream case
         }
-        let done: Vec<u64> = self
-            .retiring
-            .iter()
-            .filter(|(_, fence)| fence.is_complete())
-            .map(|(&address, _)| address)
-            .collect();
-        for address in done {
-            let (bytes, _, epoch) = self.remove_free(address);
-            self.free_range(address, bytes, FRESH, epoch);
-        }
+        self.retire_completed();
         let mut fences: Vec<(u64, Option<Arc<dyn Fence>>)> = Vec::new();
         let waiting: Vec<(u64, u64)> = self
             .free_at
@@ -282,6 +294,11 @@ impl<O> VmState<O> {
             }
         }
         // Fences that are complete already (work done, or a synchronous device) retire now.
+        self.retire_completed();
+    }
+
+    /// Ranges whose retiring fence completed become fresh, merged with fresh neighbours.
+    fn retire_completed(&mut self) {
         let done: Vec<u64> = self
             .retiring
             .iter()

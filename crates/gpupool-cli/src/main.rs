@@ -95,6 +95,10 @@ enum Command {
         /// on workloads whose block sizes change, for more driver calls).
         #[arg(long)]
         reclaim_at_peak: bool,
+        /// With virtual memory: allocate class blocks one by one from the backend
+        /// (`cuMemAlloc`) instead of carving them out of the arena's pages.
+        #[arg(long)]
+        class_blocks_from_backend: bool,
         /// Draw requested-live, in-use and reserved bytes over the trace into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -208,6 +212,7 @@ fn run(command: Command) -> Result<(), String> {
             steps_per_doubling,
             seed_rules,
             reclaim_at_peak,
+            class_blocks_from_backend,
             plot,
             plot_every,
             dashboard: with_dashboard,
@@ -223,6 +228,7 @@ fn run(command: Command) -> Result<(), String> {
                 steps_per_doubling,
                 seed_rules,
                 reclaim_at_peak,
+                class_blocks_from_backend,
                 plot,
                 plot_every,
                 runs,

@@ -76,6 +76,13 @@ pub struct ClassStats {
     pub backend_allocations: u64,
     /// Blocks given back to the backend (caps, trims, pooling off).
     pub backend_releases: u64,
+    /// Blocks carved out of the virtual-memory arena's mapped pages instead of allocated from
+    /// the backend (device memory on a backend with virtual memory).
+    #[serde(default)]
+    pub arena_blocks: u64,
+    /// Carved blocks given back to the arena (their space becomes its free space).
+    #[serde(default)]
+    pub arena_returns: u64,
     /// Drops released because the class already held its cap of idle blocks.
     pub releases_at_cap: u64,
     /// Blocks allocated by `prewarm`.
@@ -112,6 +119,13 @@ pub struct LargeStats {
     pub backend_allocations: u64,
     /// Segments released to the backend.
     pub backend_releases: u64,
+    /// Blocks the virtual-memory arena lent to the class caches, in use or idle there: their
+    /// bytes count in the classes' figures, not in this arena's in-use or free bytes.
+    #[serde(default)]
+    pub class_blocks: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub class_bytes: u64,
     /// Live large buffers.
     pub in_use_blocks: u64,
     /// Bytes of live large blocks.
@@ -152,6 +166,8 @@ impl LargeStats {
         self.misses += counters.misses;
         self.backend_allocations += counters.backend_allocations;
         self.backend_releases += counters.backend_releases;
+        self.class_blocks += counters.class_blocks;
+        self.class_bytes += counters.class_bytes;
         self.in_use_blocks += counters.in_use_blocks;
         self.in_use_bytes += counters.in_use_bytes;
         self.requested_live_bytes += counters.requested_live_bytes;

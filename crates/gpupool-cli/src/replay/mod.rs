@@ -68,6 +68,8 @@ pub struct ReplayOptions {
     pub seed_rules: bool,
     /// `PoolConfig::reclaim_at_peak`.
     pub reclaim_at_peak: bool,
+    /// `!PoolConfig::carve_class_blocks`.
+    pub class_blocks_from_backend: bool,
     /// Where to draw the memory timeline, if anywhere.
     pub plot: Option<PathBuf>,
     /// Events between two timeline samples.
@@ -267,11 +269,14 @@ fn manager(
     let mut config = PoolConfig::builder()
         .steps_per_doubling(options.steps_per_doubling)
         .reclaim_at_peak(options.reclaim_at_peak)
+        .carve_class_blocks(!options.class_blocks_from_backend)
         .maintenance_interval(Duration::ZERO);
     if options.seed_rules {
         config = config
             .large_threshold_bytes(None)
-            .max_idle_bytes_per_class(0);
+            .max_idle_bytes_per_class(0)
+            .release_idle_at_peak(false)
+            .carve_class_blocks(false);
     }
     let config = config.build()?;
     MemoryManager::with_devices(vec![backend.clone()], config)

@@ -79,6 +79,11 @@ impl Budget {
         self.committed.load(Ordering::Relaxed)
     }
 
+    /// Bytes the backend handed over and has not been given back.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// The most bytes ever held at once.
     pub fn peak(&self) -> u64 {
         self.peak.load(Ordering::Relaxed)

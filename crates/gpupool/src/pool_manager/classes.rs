@@ -11,6 +11,7 @@ use crate::error::PoolError;
 use crate::kind::{MemoryKind, StreamId};
 use crate::pools::pending::Pending;
 use crate::pools::record::{BlockRecord, IdleBlock};
+use crate::pools::vm_arena;
 use crate::pools::{Pool, Request};
 
 impl PoolManager {
@@ -50,7 +51,7 @@ impl PoolManager {
             .is_some_and(|purgeable| !purgeable.reclaim(&record.block));
         if purged {
             tracing::debug!(index, "cached block was purged by the OS; releasing it");
-            cache.record_release_in_use(request.shard, request.requested_bytes);
+            cache.record_release_in_use(request.shard, request.requested_bytes, record.carved);
             let idle = IdleBlock::new(record, Pending::on(request.stream), 0);
             // The caller holds a handle, so this is never the pool's last reference.
             drop(self.release_uncached(pool, idle));
@@ -124,14 +125,17 @@ impl PoolManager {
             });
         }
         self.fence_foreign_blocks(pool, index, stream);
-        let block = self.allocate_from_backend(pool, cache.class_bytes(), requested_bytes, kind)?;
+        let record = self.new_class_block(pool, index, request, kind)?;
+        let carved = record.carved;
         // Drivers do not promise zeroed fresh memory, and it may be memory this pool freed.
-        if let Err(error) = self.zero_if_asked(pool, &block, requested_bytes, stream) {
-            pool.upstream.release_now(block);
-            cache.record_unused_allocation(shard);
+        if let Err(error) = self.zero_if_asked(pool, &record.block, requested_bytes, stream) {
+            cache.record_unused_allocation(shard, carved);
+            // The zeroing may be queued on the stream: the block follows that stream's order.
+            let idle = IdleBlock::new(record, Pending::on(stream), 0);
+            self.release_blocks(pool, vec![idle]);
             return Err(error);
         }
-        cache.record_miss(shard, requested_bytes);
+        cache.record_miss(shard, requested_bytes, carved);
         cache.miss_latency.record(start.elapsed().as_nanos() as u64);
         tracing::debug!(
             class_bytes = cache.class_bytes(),
@@ -139,9 +143,51 @@ impl PoolManager {
             "pool miss: allocated from the backend"
         );
         Ok(Allocation {
-            record: BlockRecord::boxed(block, self.this.upgrade()),
+            record,
             route: Route::class(index),
         })
+    }
+
+    /// A new block for class `index`: device memory on a backend with virtual memory is
+    /// carved out of the arena's mapped pages (best fit; a driver call only when it needs a new
+    /// page), so small blocks share pages instead of each costing a driver allocation, and
+    /// go back into the arena's free space when their class lets them go. Otherwise, or when no
+    /// page can be mapped any more, a backend allocation.
+    fn new_class_block(
+        &self,
+        pool: &DevicePool,
+        index: u32,
+        request: &Request,
+        kind: MemoryKind,
+    ) -> Result<Box<Record>, PoolError> {
+        let class_bytes = pool.caches[index as usize].class_bytes();
+        let slot = index as usize % pool.kinds.len();
+        let arena = pool.virtual_arena.as_ref().filter(|_| {
+            self.config.carve_class_blocks
+                && slot == pool.virtual_slot
+                && vm_arena::serves(request.stream)
+        });
+        if let Some(arena) = arena {
+            if !arena.fits_in_small_pages(request.stream, class_bytes) {
+                // Idle class blocks sit in small pages: they go back before another page is
+                // set aside for class blocks.
+                self.release_idle_classes_to_arena(pool);
+            }
+            let carve = Request {
+                block_bytes: class_bytes,
+                served: false,
+                ..*request
+            };
+            match self.place_in_arena(pool, arena, &carve, true) {
+                Ok((record, _)) => return Ok(record),
+                // No page fits any more, but a driver allocation of the block alone may
+                // (the device's last bytes): fall through to it.
+                Err(PoolError::OutOfMemory { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let block = self.allocate_from_backend(pool, class_bytes, request.requested_bytes, kind)?;
+        Ok(BlockRecord::boxed(block, self.this.upgrade()))
     }
 
     /// Blocks idle on other streams become usable on this one once a fence recorded on their

@@ -17,6 +17,7 @@ mod budget;
 mod classes;
 mod device;
 mod large;
+mod peak_guard;
 mod prewarm;
 mod route;
 mod snapshot;
@@ -204,11 +205,11 @@ impl PoolManager {
             return Target::Bypass;
         }
         if bytes > pool.large_threshold {
-            // The arena keys free space by stream and marks space of no stream with the last
-            // id; a stream with that id (no real handle has it) uses segments instead.
+            // The arena keys free space by stream id and tags its keys with the top bits; a
+            // stream with such an id (no real handle has one) uses segments instead.
             if slot == pool.virtual_slot
                 && pool.virtual_arena.is_some()
-                && stream != crate::pools::vm_arena::NO_STREAM
+                && crate::pools::vm_arena::serves(stream)
             {
                 return Target::Virtual;
             }
@@ -359,8 +360,42 @@ impl PoolManager {
     #[cold]
     fn release_uncached(&self, pool: &DevicePool, mut idle: Idle) -> Option<Owner> {
         let owner = idle.owner.take();
-        pool.upstream.release(vec![idle]);
+        self.release_blocks(pool, vec![idle]);
         owner
+    }
+
+    /// Releases blocks the pools let go of: class blocks carved out of the virtual-memory
+    /// arena go back into it (their space becomes free there, no driver call); the others go
+    /// to the backend through the upstream (deferred while GPU work may still use them).
+    /// The caller holds a reference to the pool (the records' own may be dropped here).
+    fn release_blocks(&self, pool: &DevicePool, blocks: Vec<Idle>) -> ReleaseReport {
+        let (carved, others): (Vec<Idle>, Vec<Idle>) =
+            blocks.into_iter().partition(|idle| idle.carved);
+        let mut report = ReleaseReport::default();
+        if let Some(arena) = pool.virtual_arena.as_ref() {
+            let epoch = self.epoch.load(Ordering::Relaxed);
+            for mut idle in carved {
+                report.blocks += 1;
+                report.bytes += idle.block.bytes() as u64;
+                idle.owner = None;
+                let returned = crate::pools::Returned {
+                    record: idle.record,
+                    pending: idle.pending,
+                    requested_bytes: 0,
+                    shard: 0,
+                    epoch,
+                };
+                let kept = crate::pools::Pool::give_back(arena, returned, &self.pooling);
+                debug_assert!(kept.is_none(), "the arena keeps every block");
+            }
+            if !self.pooling() {
+                self.unmap_free_pages(pool, false);
+            }
+        } else {
+            debug_assert!(carved.is_empty(), "carved blocks exist only with an arena");
+        }
+        report.add(pool.upstream.release(others));
+        report
     }
 }
 

@@ -84,7 +84,7 @@ impl PoolManager {
                 // Drops filled the class meanwhile: this block goes back, counted.
                 drop(idle.owner.take());
                 pool.upstream.release_now(idle.into_block());
-                cache.record_unused_allocation(shard);
+                cache.record_unused_allocation(shard, false);
                 break;
             }
             added += 1;

@@ -65,7 +65,10 @@ impl PoolManager {
                 for shard in shards {
                     counters.add(&shard.counters());
                 }
-                if counters.requests == 0 && counters.backend_allocations == 0 {
+                if counters.requests == 0
+                    && counters.backend_allocations == 0
+                    && counters.arena_blocks == 0
+                {
                     continue;
                 }
                 let class_bytes = pool.caches[index].class_bytes() as u64;
@@ -78,6 +81,8 @@ impl PoolManager {
                     misses: counters.misses,
                     backend_allocations: counters.backend_allocations,
                     backend_releases: counters.backend_releases,
+                    arena_blocks: counters.arena_blocks,
+                    arena_returns: counters.arena_returns,
                     releases_at_cap: counters.releases_at_cap,
                     prewarmed_blocks: counters.prewarmed,
                     in_use_blocks,

@@ -46,7 +46,7 @@ impl PoolManager {
             .pools()
             .flat_map(|each| each.release_idle(keep, idle_since))
             .collect();
-        pool.upstream.release(blocks)
+        self.release_blocks(pool, blocks)
     }
 
     pub(crate) fn trim(&self, level: TrimLevel) -> ReleaseReport {
@@ -105,7 +105,7 @@ impl PoolManager {
                 }
                 marks[index] = requests;
             }
-            report.add(pool.upstream.release(cold));
+            report.add(self.release_blocks(pool, cold));
         }
         tracing::info!(blocks = report.blocks, bytes = report.bytes, "defragment");
         report

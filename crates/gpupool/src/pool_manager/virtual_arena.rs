@@ -14,6 +14,26 @@ use crate::pools::pending::Pending;
 use crate::pools::vm_arena::{Placed, VmArena, VM_ROUNDING};
 use crate::pools::{Pool, Request, Returned};
 
+/// Why a mapping was not made.
+enum MapRefusal {
+    /// The backend (or the budget, as `TooLarge`) refused it.
+    Backend(BackendError),
+    /// It would have taken the device this many bytes past its peak while class caches may
+    /// hold idle blocks.
+    PastPeak { excess_bytes: u64 },
+}
+
+impl MapRefusal {
+    /// The refusal of an attempt made without the peak guard.
+    fn into_backend(self) -> BackendError {
+        match self {
+            MapRefusal::Backend(error) => error,
+            // Only guarded attempts refuse at the peak; were one not, it would read as full.
+            MapRefusal::PastPeak { .. } => BackendError::OutOfMemory,
+        }
+    }
+}
+
 impl PoolManager {
     /// A block of the arena by best fit, mapping the pages it lands on; after out of memory or
     /// the budget, the pools give back what they can and the request is tried once more.
@@ -36,16 +56,6 @@ impl PoolManager {
         let block_bytes = requested_bytes
             .checked_next_multiple_of(VM_ROUNDING)
             .ok_or_else(too_large)?;
-        if let Some(capacity) = pool
-            .capacity_bytes
-            .filter(|&total| block_bytes as u64 > total)
-        {
-            // Larger than the device: no release could make it fit.
-            return Err(PoolError::TooLarge {
-                requested_bytes: requested_bytes as u64,
-                limit_bytes: capacity,
-            });
-        }
         let request = Request {
             requested_bytes,
             block_bytes,
@@ -54,46 +64,7 @@ impl PoolManager {
             // With zeroing, the request is counted once the block is zeroed.
             served: !self.config.zero_on_reuse,
         };
-        let mut taken = self.take_mapping(pool, arena, &request);
-        if matches!(
-            taken,
-            Ok(None) | Err(BackendError::OutOfMemory) | Err(BackendError::TooLarge { .. })
-        ) {
-            let released = self.release_everything(pool);
-            tracing::info!(
-                requested_bytes,
-                released_bytes = released.bytes,
-                "virtual-memory arena out of memory: released idle memory, retrying once"
-            );
-            taken = self.take_mapping(pool, arena, &request);
-        }
-        let (record, hit) = match taken {
-            Ok(Some(taken)) => taken,
-            // No free range of the address space fits even after the release: larger than the
-            // device, or the space is too fragmented now.
-            Ok(None) => {
-                let device = pool.backend().memory_info();
-                return Err(match device {
-                    Some(info) if block_bytes as u64 > info.total_bytes => PoolError::TooLarge {
-                        requested_bytes: requested_bytes as u64,
-                        limit_bytes: info.total_bytes,
-                    },
-                    _ => PoolError::OutOfMemory {
-                        requested_bytes: block_bytes as u64,
-                        reserved_bytes: pool.reserved_now(),
-                        device_free_bytes: device.map(|info| info.free_bytes),
-                    },
-                });
-            }
-            Err(BackendError::TooLarge { .. }) => {
-                return Err(PoolError::BudgetExceeded {
-                    requested_bytes: block_bytes as u64,
-                    reserved_bytes: pool.reserved_now(),
-                    budget_bytes: pool.upstream.budget.limit(),
-                })
-            }
-            Err(error) => return Err(self.allocation_error(pool, error, block_bytes)),
-        };
+        let (record, hit) = self.place_in_arena(pool, arena, &request, false)?;
         if !request.served {
             if let Err(error) = self.zero_if_asked(pool, &record.block, requested_bytes, stream) {
                 // Back like any returned block; the caller holds a handle, so the reference
@@ -109,14 +80,101 @@ impl PoolManager {
         })
     }
 
+    /// A block of `request.block_bytes` placed in the arena (`for_class`: lent to a class
+    /// cache), with the out-of-memory and budget retry: after a refusal the pools give back
+    /// what they can and the placement is tried once more.
+    pub(super) fn place_in_arena(
+        &self,
+        pool: &DevicePool,
+        arena: &VmArena<Owner>,
+        request: &Request,
+        for_class: bool,
+    ) -> Result<Placed<Owner>, PoolError> {
+        let (requested_bytes, block_bytes) = (request.requested_bytes, request.block_bytes);
+        if let Some(capacity) = pool
+            .capacity_bytes
+            .filter(|&total| block_bytes as u64 > total)
+        {
+            // Larger than the device: no release could make it fit.
+            return Err(PoolError::TooLarge {
+                requested_bytes: requested_bytes as u64,
+                limit_bytes: capacity,
+            });
+        }
+        let mut taken = self.take_mapping_below_peak(pool, arena, request, for_class);
+        if matches!(
+            taken,
+            Ok(None) | Err(BackendError::OutOfMemory) | Err(BackendError::TooLarge { .. })
+        ) {
+            let released = self.release_everything(pool);
+            tracing::info!(
+                requested_bytes,
+                released_bytes = released.bytes,
+                "virtual-memory arena out of memory: released idle memory, retrying once"
+            );
+            taken = self
+                .take_mapping(pool, arena, request, for_class, false)
+                .map_err(MapRefusal::into_backend);
+        }
+        match taken {
+            Ok(Some(taken)) => Ok(taken),
+            // No free range of the address space fits even after the release: larger than the
+            // device, or the space is too fragmented now.
+            Ok(None) => {
+                let device = pool.backend().memory_info();
+                Err(match device {
+                    Some(info) if block_bytes as u64 > info.total_bytes => PoolError::TooLarge {
+                        requested_bytes: requested_bytes as u64,
+                        limit_bytes: info.total_bytes,
+                    },
+                    _ => PoolError::OutOfMemory {
+                        requested_bytes: block_bytes as u64,
+                        reserved_bytes: pool.reserved_now(),
+                        device_free_bytes: device.map(|info| info.free_bytes),
+                    },
+                })
+            }
+            Err(BackendError::TooLarge { .. }) => Err(PoolError::BudgetExceeded {
+                requested_bytes: block_bytes as u64,
+                reserved_bytes: pool.reserved_now(),
+                budget_bytes: pool.upstream.budget.limit(),
+            }),
+            Err(error) => Err(self.allocation_error(pool, error, block_bytes)),
+        }
+    }
+
+    /// One attempt that will not map past the device's peak while class caches hold idle
+    /// blocks: when it would, those go back to the arena first (see `peak_guard`) and the
+    /// placement is tried again, mapping what it still needs.
+    fn take_mapping_below_peak(
+        &self,
+        pool: &DevicePool,
+        arena: &VmArena<Owner>,
+        request: &Request,
+        for_class: bool,
+    ) -> Result<Option<Placed<Owner>>, BackendError> {
+        let guard = self.config.release_idle_at_peak;
+        match self.take_mapping(pool, arena, request, for_class, guard) {
+            Err(MapRefusal::PastPeak { excess_bytes }) => {
+                self.release_idle_before_peak(pool, excess_bytes);
+                self.take_mapping(pool, arena, request, for_class, false)
+                    .map_err(MapRefusal::into_backend)
+            }
+            other => other.map_err(MapRefusal::into_backend),
+        }
+    }
+
     /// One attempt: best fit, each new page committed to the budget and mapped. A page the
-    /// budget refuses reads as `TooLarge` (no driver call was made).
+    /// budget refuses reads as `TooLarge` (no driver call was made). With `guard_peak`, a page
+    /// that would take the device past its peak is refused instead (`PastPeak`).
     fn take_mapping(
         &self,
         pool: &DevicePool,
         arena: &VmArena<Owner>,
         request: &Request,
-    ) -> Result<Option<Placed<Owner>>, BackendError> {
+        for_class: bool,
+        guard_peak: bool,
+    ) -> Result<Option<Placed<Owner>>, MapRefusal> {
         let memory = pool
             .backend()
             .virtual_memory()
@@ -130,10 +188,18 @@ impl PoolManager {
                 .ok()
         };
         let map = |address, bytes: usize| {
+            if guard_peak {
+                let excess = (budget.held() + bytes as u64).saturating_sub(budget.peak());
+                if excess > 0 {
+                    return Err(MapRefusal::PastPeak {
+                        excess_bytes: excess,
+                    });
+                }
+            }
             if !budget.try_reserve(bytes as u64) {
-                return Err(BackendError::TooLarge {
+                return Err(MapRefusal::Backend(BackendError::TooLarge {
                     limit: budget.limit(),
-                });
+                }));
             }
             match memory.map(address, bytes) {
                 Ok(()) => {
@@ -142,7 +208,7 @@ impl PoolManager {
                 }
                 Err(error) => {
                     budget.unreserve(bytes as u64);
-                    Err(error)
+                    Err(MapRefusal::Backend(error))
                 }
             }
         };
@@ -150,7 +216,14 @@ impl PoolManager {
             memory.unmap(address, bytes);
             budget.released(bytes as u64);
         };
-        arena.take_or_map(request, self.this.upgrade(), fence_after, map, unmap)
+        arena.take_or_map(
+            request,
+            for_class,
+            self.this.upgrade(),
+            fence_after,
+            map,
+            unmap,
+        )
     }
 
     /// Maps the pages for `count` blocks of `bytes` on `stream` (one range, taken and given
@@ -180,7 +253,10 @@ impl PoolManager {
             shard: 0,
             served: false,
         };
-        let (record, _) = match self.take_mapping(pool, arena, &request) {
+        let taken = self
+            .take_mapping(pool, arena, &request, false, false)
+            .map_err(MapRefusal::into_backend);
+        let (record, _) = match taken {
             Ok(Some(taken)) => taken,
             Ok(None) => {
                 return Err(PoolError::TooLarge {

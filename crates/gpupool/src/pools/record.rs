@@ -18,12 +18,19 @@ pub(crate) struct BlockRecord<O> {
     /// count. (Cached records form a cycle with the pool; the last manager handle breaks it by
     /// turning pooling off, which empties every cache.)
     pub owner: Option<O>,
+    /// A class block carved out of the virtual-memory arena's pages: it goes back to the
+    /// arena, not to the backend, when its class lets it go.
+    pub carved: bool,
 }
 
 impl<O> BlockRecord<O> {
     /// A fresh record for a block just allocated.
     pub fn boxed(block: Block, owner: Option<O>) -> Box<BlockRecord<O>> {
-        Box::new(BlockRecord { block, owner })
+        Box::new(BlockRecord {
+            block,
+            owner,
+            carved: false,
+        })
     }
 }
 

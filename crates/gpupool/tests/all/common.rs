@@ -64,7 +64,9 @@ pub fn assert_consistent(stats: &PoolStats, sim: &SimBackend) {
             assert_eq!(class.in_use_bytes, class.in_use_blocks * class.class_bytes);
             assert_eq!(class.cached_bytes, class.cached_blocks * class.class_bytes);
             assert_eq!(
-                class.backend_allocations - class.backend_releases,
+                class.backend_allocations + class.arena_blocks
+                    - class.backend_releases
+                    - class.arena_returns,
                 class.in_use_blocks + class.cached_blocks
             );
         }

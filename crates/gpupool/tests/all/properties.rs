@@ -193,6 +193,8 @@ fn build(pool: &PoolSetup, device: &DeviceSetup) -> (MemoryManager, SimBackend) 
         .zero_on_reuse(pool.zero_on_reuse)
         // Reclaiming before the peak is exercised with virtual memory on odd capacities.
         .reclaim_at_peak(device.capacity_bytes % 2 == 1)
+        // And releasing idle class blocks at the peak on all but every fourth capacity.
+        .release_idle_at_peak(device.capacity_bytes % 4 != 0)
         .shards(pool.shards)
         .maintenance_interval(Duration::ZERO);
     if let Some((blocks, bytes, keep)) = pool.idle_caps {

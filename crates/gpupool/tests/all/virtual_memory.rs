@@ -305,3 +305,142 @@ fn the_last_stream_id_is_served_by_segments_not_the_arena() {
     assert_consistent(&manager.stats(), &sim);
     drop(other);
 }
+
+#[test]
+fn idle_class_blocks_go_back_before_a_mapping_raises_the_peak() {
+    let guarded = |enabled: bool| {
+        let config = defaults().release_idle_at_peak(enabled);
+        let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), config);
+        // 4 MiB of idle 512 KiB class blocks, then a large block that must map fresh pages.
+        let small: Vec<_> = (0..8)
+            .map(|_| manager.allocate_bytes(512 * 1024).unwrap())
+            .collect();
+        drop(small);
+        let before = manager.peak_reserved_bytes();
+        let large = manager.allocate_bytes(4 * MIB).unwrap();
+        let stats = manager.stats();
+        assert_consistent(&stats, &sim);
+        let idle = stats.totals.cached_bytes - stats.devices[0].large.free_bytes;
+        let peak = manager.peak_reserved_bytes();
+        drop(large);
+        (before, peak, idle)
+    };
+    let (before, peak, idle) = guarded(true);
+    assert_eq!(before, 4 * MIB as u64);
+    assert_eq!(
+        peak, before,
+        "the idle class blocks made room for the pages"
+    );
+    assert_eq!(idle, 0, "every idle class block went back");
+    let (before, peak, idle) = guarded(false);
+    assert_eq!(peak, before + 4 * MIB as u64, "off: the seed's behaviour");
+    assert_eq!(idle, 4 * MIB as u64);
+}
+
+#[test]
+fn below_the_peak_idle_class_blocks_stay_cached() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let large = manager.allocate_bytes(8 * MIB).unwrap();
+    drop(large);
+    let trimmed = manager.trim(TrimLevel::Aggressive);
+    assert!(trimmed.bytes >= 8 * MIB as u64);
+    let small: Vec<_> = (0..4)
+        .map(|_| manager.allocate_bytes(512 * 1024).unwrap())
+        .collect();
+    drop(small);
+    // 2 MiB idle in the class, 0 mapped: mapping 4 MiB stays below the 8 MiB peak.
+    let large = manager.allocate_bytes(4 * MIB).unwrap();
+    let stats = manager.stats();
+    assert_eq!(
+        stats.totals.cached_bytes - stats.devices[0].large.free_bytes,
+        2 * MIB as u64
+    );
+    assert_consistent(&stats, &sim);
+    drop(large);
+}
+
+#[test]
+fn class_blocks_are_carved_out_of_shared_small_pages() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let blocks: Vec<_> = (0..100)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
+    let stats = manager.stats();
+    assert_consistent(&stats, &sim);
+    assert_eq!(
+        sim.counters().allocations,
+        1,
+        "one page mapped for 100 class blocks"
+    );
+    assert_eq!(stats.totals.reserved_bytes, SIM_PAGE_BYTES as u64);
+    let class = stats.class(4096, gpupool::MemoryKind::Device).unwrap();
+    assert_eq!((class.arena_blocks, class.backend_allocations), (100, 0));
+    assert_eq!(stats.devices[0].large.class_blocks, 100);
+    assert_eq!(stats.devices[0].large.class_bytes, 100 * 4096);
+    let page = blocks[0].device_address() & !(SIM_PAGE_BYTES as u64 - 1);
+    assert!(blocks
+        .iter()
+        .all(|block| block.device_address() & !(SIM_PAGE_BYTES as u64 - 1) == page));
+    drop(blocks);
+    // Idle class blocks go back into the arena: their page serves a large block at once.
+    manager.trim(TrimLevel::Aggressive);
+    let stats = manager.stats();
+    assert_consistent(&stats, &sim);
+    assert_eq!(stats.devices[0].large.class_blocks, 0);
+    let class = stats.class(4096, gpupool::MemoryKind::Device).unwrap();
+    assert_eq!(class.arena_returns, 100);
+    let _ = stats;
+    let with_backend = sim_manager_on(
+        vm_device(1 << 30, false),
+        defaults().carve_class_blocks(false),
+    );
+    let (manager_b, sim_b) = with_backend;
+    let small = manager_b.allocate_bytes(4096).unwrap();
+    assert_eq!(small.block_bytes(), 4096);
+    let stats = manager_b.stats();
+    assert_consistent(&stats, &sim_b);
+    assert_eq!(
+        stats
+            .class(4096, gpupool::MemoryKind::Device)
+            .unwrap()
+            .backend_allocations,
+        1,
+        "off: one backend allocation per class block"
+    );
+}
+
+#[test]
+fn a_small_page_whose_blocks_all_left_serves_large_blocks_again() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let small = manager.allocate_bytes(64 * 1024).unwrap();
+    let page = small.device_address();
+    drop(small); // idle in its class, on the one page mapped so far
+                 // A page-sized block would map a second page, past the peak: the idle class block goes
+                 // back into the arena first, its page becomes ordinary free space and takes the block.
+    let large = manager.allocate_bytes(SIM_PAGE_BYTES).unwrap();
+    assert_eq!(large.device_address(), page);
+    assert_eq!(sim.counters().allocations, 1, "no second page mapped");
+    assert_eq!(manager.peak_reserved_bytes(), SIM_PAGE_BYTES as u64);
+    assert_consistent(&manager.stats(), &sim);
+}
+
+#[test]
+fn carved_class_blocks_wait_for_their_streams_work_before_another_stream_reuses_them() {
+    // Asynchronous device: fences complete only when the device says so.
+    let (manager, sim) = sim_manager_on(
+        vm_device(1 << 30, true),
+        defaults().max_idle_per_class(1).min_idle_per_class(0),
+    );
+    let first = manager.allocate_with::<u8>(4096, on(1)).unwrap();
+    let second = manager.allocate_with::<u8>(4096, on(1)).unwrap();
+    let addresses = [first.device_address(), second.device_address()];
+    // One goes to the class cache, the other past its cap back into the arena, on stream 1.
+    drop((first, second));
+    let other = manager.allocate_with::<u8>(4096, on(2)).unwrap();
+    assert!(
+        !addresses.contains(&other.device_address()),
+        "stream 2 got a block stream 1's queued work may still use"
+    );
+    assert_consistent(&manager.stats(), &sim);
+    drop(other);
+}

@@ -106,10 +106,11 @@ impl<O> ClassCache<O> {
         })
     }
 
-    /// Counts a request served by a new backend allocation.
-    pub fn record_miss(&self, shard: usize, requested_bytes: usize) {
+    /// Counts a request served by a new block: a backend allocation, or (`carved`) a block
+    /// carved out of the virtual-memory arena.
+    pub fn record_miss(&self, shard: usize, requested_bytes: usize, carved: bool) {
         let mut shard = self.shard(shard);
-        shard.counters.block_allocated();
+        shard.counters.block_allocated(carved);
         shard.counters.block_in_use(requested_bytes);
         shard.counters.request_served(false);
     }
@@ -117,18 +118,18 @@ impl<O> ClassCache<O> {
     /// Counts a block the backend allocated for this class that served no request and went
     /// straight back (its zeroing failed, or the class was full when it was prewarmed), so
     /// that allocations minus releases stays the number of blocks held.
-    pub fn record_unused_allocation(&self, shard: usize) {
+    pub fn record_unused_allocation(&self, shard: usize, carved: bool) {
         let mut locked = self.shard(shard);
-        locked.counters.block_allocated();
-        locked.counters.block_released(false);
+        locked.counters.block_allocated(carved);
+        locked.counters.block_released(carved, false);
     }
 
     /// Counts the release of a block taken for a request that could not use it (the OS
     /// purged it): it goes from in use straight to the backend.
-    pub fn record_release_in_use(&self, shard: usize, requested_bytes: usize) {
+    pub fn record_release_in_use(&self, shard: usize, requested_bytes: usize, carved: bool) {
         let mut locked = self.shard(shard);
         locked.counters.block_returned(requested_bytes);
-        locked.counters.block_released(false);
+        locked.counters.block_released(carved, false);
     }
 
     /// Gives shard `shard` more quota: from the reserve, else the unused quota of other shards.
@@ -231,7 +232,7 @@ impl<O> ClassCache<O> {
                 return Err(idle);
             }
         }
-        locked.counters.block_allocated();
+        locked.counters.block_allocated(idle.record.carved);
         locked.counters.prewarmed += 1;
         locked.idle.push(idle);
         Ok(())
@@ -252,9 +253,23 @@ impl<O> ClassCache<O> {
     /// dropped in an epoch `<= idle_since` are taken when it is given. The removed blocks are
     /// counted as released here; the caller gives them to the backend.
     pub fn remove_idle(&self, keep: usize, idle_since: Option<u64>) -> Vec<IdleBlock<O>> {
+        self.remove_some(keep, usize::MAX, idle_since)
+    }
+
+    /// Removes at most `blocks` idle blocks, oldest first (see [`ClassCache::remove_idle`]).
+    pub fn remove_oldest(&self, blocks: usize) -> Vec<IdleBlock<O>> {
+        self.remove_some(0, blocks, None)
+    }
+
+    fn remove_some(
+        &self,
+        keep: usize,
+        at_most: usize,
+        idle_since: Option<u64>,
+    ) -> Vec<IdleBlock<O>> {
         let mut shards = self.lock_all();
         let cached: usize = shards.iter().map(|shard| shard.idle.len()).sum();
-        let mut budget = cached.saturating_sub(keep);
+        let mut budget = cached.saturating_sub(keep).min(at_most);
         let mut removed = Vec::new();
         for shard in shards.iter_mut() {
             if budget == 0 {
@@ -272,8 +287,8 @@ impl<O> ClassCache<O> {
                 }
             }
             shard.idle = kept;
-            for _ in before..removed.len() {
-                shard.counters.block_released(false);
+            for idle in &removed[before..] {
+                shard.counters.block_released(idle.record.carved, false);
             }
         }
         removed

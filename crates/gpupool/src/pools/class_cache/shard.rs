@@ -19,6 +19,9 @@ pub(crate) struct CacheCounters {
     pub misses: u64,
     pub backend_allocations: u64,
     pub backend_releases: u64,
+    /// Blocks carved out of the virtual-memory arena's pages, and given back to it.
+    pub arena_blocks: u64,
+    pub arena_returns: u64,
     pub releases_at_cap: u64,
     pub prewarmed: u64,
     pub in_use_blocks: i64,
@@ -33,6 +36,8 @@ impl CacheCounters {
         self.misses += other.misses;
         self.backend_allocations += other.backend_allocations;
         self.backend_releases += other.backend_releases;
+        self.arena_blocks += other.arena_blocks;
+        self.arena_returns += other.arena_returns;
         self.releases_at_cap += other.releases_at_cap;
         self.prewarmed += other.prewarmed;
         self.in_use_blocks += other.in_use_blocks;
@@ -65,14 +70,23 @@ impl CacheCounters {
         }
     }
 
-    /// The backend allocated a block for this class.
-    pub fn block_allocated(&mut self) {
-        self.backend_allocations += 1;
+    /// The backend allocated a block for this class (or, `carved`, the arena lent one).
+    pub fn block_allocated(&mut self, carved: bool) {
+        if carved {
+            self.arena_blocks += 1;
+        } else {
+            self.backend_allocations += 1;
+        }
     }
 
-    /// A block of this class went back to the backend; `at_cap` when the cache had no room.
-    pub fn block_released(&mut self, at_cap: bool) {
-        self.backend_releases += 1;
+    /// A block of this class went back to the backend (or, `carved`, to the arena); `at_cap`
+    /// when the cache had no room.
+    pub fn block_released(&mut self, carved: bool, at_cap: bool) {
+        if carved {
+            self.arena_returns += 1;
+        } else {
+            self.backend_releases += 1;
+        }
         if at_cap {
             self.releases_at_cap += 1;
         }
@@ -132,7 +146,7 @@ impl<O> Shard<O> {
             self.idle.push(idle);
             None
         } else {
-            self.counters.block_released(at_cap);
+            self.counters.block_released(idle.record.carved, at_cap);
             Some(idle)
         }
     }

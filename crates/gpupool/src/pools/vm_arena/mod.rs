@@ -47,18 +47,20 @@ pub const VM_ROUNDING: usize = 512;
 /// A block the arena placed, and whether it was a hit (no page had to be mapped).
 pub(crate) type Placed<O> = (Box<BlockRecord<O>>, bool);
 
+/// Class blocks of at most `page_bytes / SMALL_PAGE_SHARE` share small pages; larger ones (only
+/// with a class range above half a page) are placed among large blocks (see `small_pages`).
+pub const SMALL_PAGE_SHARE: usize = 2;
+
 /// Records kept for reuse at most (enough for the blocks a training step frees at once).
 const MAX_SPARE_RECORDS: usize = 256;
 
-/// The stream key of address space no queued work can touch: any stream may take it.
-const FRESH: u64 = u64::MAX;
-
-/// The one stream id the arena cannot serve (its key means "no stream"): the router sends
-/// requests on it to the segment arena.
-pub(crate) const NO_STREAM: StreamId = StreamId(FRESH);
-
+mod keys;
+mod small_pages;
 mod state;
 mod waste;
+
+pub(crate) use self::keys::serves;
+use self::keys::FRESH;
 
 use self::state::{Page, VmState};
 
@@ -79,6 +81,7 @@ impl<O> VmArena<O> {
                 used_bytes: 0,
                 last_stream: StreamId::DEFAULT,
                 freed_at: 0,
+                small: false,
             })
             .collect();
         let mut state = VmState {
@@ -130,9 +133,13 @@ impl<O> VmArena<O> {
     /// With `reclaim_at_peak`, before it maps new pages past its highest mapping so far, the
     /// arena unmaps wholly free handles whose work is done (`unmap(address, bytes)` for each),
     /// as many as the excess: memory moves to where it is wanted instead of growing the peak.
+    ///
+    /// `for_class`: the block is lent to a class cache (carved, counted as the classes' and
+    /// not as a request or in-use block of the arena).
     pub fn take_or_map<E>(
         &self,
         request: &Request,
+        for_class: bool,
         owner: Option<O>,
         mut fence_after: impl FnMut(StreamId) -> Option<Arc<dyn Fence>>,
         mut map: impl FnMut(u64, usize) -> Result<(), E>,
@@ -141,10 +148,12 @@ impl<O> VmArena<O> {
         let mut state = self.lock();
         state.ungate();
         let bytes = request.block_bytes;
-        if !state.fits_own(request.stream, bytes) {
+        // Class blocks share small pages, apart from larger ones (see `small_pages`).
+        let small = for_class && bytes <= state.page_bytes / SMALL_PAGE_SHARE;
+        if !state.fits(keys::own(request.stream, small), bytes) {
             state.retire(request.stream, &mut fence_after);
         }
-        let Some((address, range_bytes, key)) = state.place(request.stream, bytes) else {
+        let Some((address, range_bytes, key)) = state.place(request.stream, bytes, small) else {
             return Ok(None);
         };
         let epoch = state.free_at[&address].2;
@@ -189,8 +198,8 @@ impl<O> VmArena<O> {
         if !hit {
             state.last_mapping_stream = request.stream;
         }
-        state.mark_live(address, bytes, request.requested_bytes);
-        if request.served {
+        state.mark_live(address, bytes, request.requested_bytes, for_class);
+        if request.served && !for_class {
             state.request_served(hit);
         }
         let view = state
@@ -198,7 +207,7 @@ impl<O> VmArena<O> {
             .block
             .view((address - state.base) as usize, bytes)
             .expect("a block lies inside the reservation");
-        let record = match state.spare_records.pop() {
+        let mut record = match state.spare_records.pop() {
             Some(mut record) => {
                 record.block = view;
                 record.owner = owner;
@@ -206,7 +215,17 @@ impl<O> VmArena<O> {
             }
             None => BlockRecord::boxed(view, owner),
         };
+        record.carved = for_class;
         Ok(Some((record, hit)))
+    }
+
+    /// Whether a class block of `bytes` on `stream` fits in small pages already set aside
+    /// (its stream's or fresh space), so that placing it sets no new page aside.
+    pub fn fits_in_small_pages(&self, stream: StreamId, bytes: usize) -> bool {
+        let state = self.lock();
+        bytes > state.page_bytes / SMALL_PAGE_SHARE
+            || state.fits(keys::own(stream, true), bytes)
+            || state.fits(keys::FRESH_SMALL, bytes)
     }
 
     /// Unmaps handles none of whose pages a block uses, once the work that used them is done:
@@ -304,9 +323,14 @@ impl<O> Pool<O> for VmArena<O> {
         // bytes minus bytes in use), though a gated block's space is reusable only once its
         // fences complete, as in the segment arena.
         let counters = &mut state.counters;
-        counters.in_use_blocks -= 1;
-        counters.in_use_bytes -= bytes as u64;
-        counters.requested_live_bytes -= returned.requested_bytes as u64;
+        if returned.record.carved {
+            counters.class_blocks -= 1;
+            counters.class_bytes -= bytes as u64;
+        } else {
+            counters.in_use_blocks -= 1;
+            counters.in_use_bytes -= bytes as u64;
+            counters.requested_live_bytes -= returned.requested_bytes as u64;
+        }
         counters.free_bytes += bytes as u64;
         if returned.pending.gates.is_some() {
             state

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use super::FRESH;
+use super::keys::{self, FRESH};
 use crate::backend::Fence;
 use crate::kind::StreamId;
 use crate::pools::address_map::AddressMap;
@@ -23,6 +23,8 @@ pub(super) struct Page {
     pub(super) last_stream: StreamId,
     /// `free_count` when a block on the page was last freed.
     pub(super) freed_at: u64,
+    /// Set aside for small class blocks (see `small_pages`).
+    pub(super) small: bool,
 }
 
 /// One physical mapping: a run of pages mapped by one call.
@@ -83,16 +85,21 @@ impl<O> VmState<O> {
     /// which they would be but for ownership); else fresh space. Without the middle rule, a
     /// free range at the end of the used space could never grow, and requests larger than it
     /// would leave it behind as a hole (gpt2: 1.09 peak reserved / live instead of 1.02).
-    pub(super) fn place(&mut self, stream: StreamId, bytes: usize) -> Option<(u64, usize, u64)> {
-        let fit = |free: &BTreeSet<(u64, usize, u64)>, key: u64| {
-            free.range((key, bytes, 0)..=(key, usize::MAX, u64::MAX))
-                .next()
-                .map(|&(key, size, address)| (address, size, key))
-        };
-        if let Some(own) = fit(&self.free, stream.0) {
+    ///
+    /// Class blocks (`small`) go to small pages instead (see `small_pages`).
+    pub(super) fn place(
+        &mut self,
+        stream: StreamId,
+        bytes: usize,
+        small: bool,
+    ) -> Option<(u64, usize, u64)> {
+        if small {
+            return self.place_small(stream, bytes);
+        }
+        if let Some(own) = self.best_fit(keys::own(stream, false), bytes) {
             return Some(own);
         }
-        let fresh = fit(&self.free, FRESH)?;
+        let fresh = self.best_fit(FRESH, bytes)?;
         let frontier = self
             .free_at
             .range(..fresh.0)
@@ -118,6 +125,14 @@ impl<O> VmState<O> {
             }
             None => Some(fresh),
         }
+    }
+
+    /// The smallest free range of `key` that holds `bytes`: (address, bytes, key).
+    pub(super) fn best_fit(&self, key: u64, bytes: usize) -> Option<(u64, usize, u64)> {
+        self.free
+            .range((key, bytes, 0)..=(key, usize::MAX, u64::MAX))
+            .next()
+            .map(|&(key, size, address)| (address, size, key))
     }
 
     pub(super) fn pages_of(&self, address: u64, bytes: usize) -> std::ops::RangeInclusive<usize> {
@@ -239,8 +254,8 @@ impl<O> VmState<O> {
         let mut streams: Vec<StreamId> = self
             .free_at
             .range(from..end)
-            .filter(|(&address, &(bytes, key, _))| address + bytes as u64 > start && key != FRESH)
-            .map(|(_, &(_, key, _))| StreamId(key))
+            .filter(|(&address, &(bytes, _, _))| address + bytes as u64 > start)
+            .filter_map(|(_, &(_, key, _))| keys::stream_of(key))
             .chain((first..first + count).map(|page| self.pages[page].last_stream))
             .collect();
         streams.sort_unstable_by_key(|stream| stream.0);
@@ -248,12 +263,9 @@ impl<O> VmState<O> {
         streams
     }
 
-    /// Whether a free range of the stream's own holds `bytes`.
-    pub(super) fn fits_own(&self, stream: StreamId, bytes: usize) -> bool {
-        self.free
-            .range((stream.0, bytes, 0)..=(stream.0, usize::MAX, u64::MAX))
-            .next()
-            .is_some()
+    /// Whether a free range of key `key` holds `bytes`.
+    pub(super) fn fits(&self, key: u64, bytes: usize) -> bool {
+        self.best_fit(key, bytes).is_some()
     }
 
     /// Other streams' free ranges whose fences completed become fresh (merged with fresh
@@ -263,10 +275,8 @@ impl<O> VmState<O> {
         stream: StreamId,
         fence_after: &mut dyn FnMut(StreamId) -> Option<Arc<dyn Fence>>,
     ) {
-        let others = self
-            .ranges_per_key
-            .iter()
-            .any(|&(key, _)| key != FRESH && key != stream.0);
+        let others_than = |key: u64| keys::stream_of(key).is_some_and(|owner| owner != stream);
+        let others = self.ranges_per_key.iter().any(|&(key, _)| others_than(key));
         if !others {
             return; // nothing another stream holds: the common single-stream case
         }
@@ -276,9 +286,11 @@ impl<O> VmState<O> {
             .free_at
             .iter()
             .filter(|(address, &(_, key, _))| {
-                key != FRESH && key != stream.0 && !self.retiring.contains_key(address)
+                others_than(key) && !self.retiring.contains_key(address)
             })
-            .map(|(&address, &(_, key, _))| (address, key))
+            .filter_map(|(&address, &(_, key, _))| {
+                keys::stream_of(key).map(|owner| (address, owner.0))
+            })
             .collect();
         for (address, key) in waiting {
             let fence = match fences.iter().find(|(on, _)| *on == key) {
@@ -306,21 +318,28 @@ impl<O> VmState<O> {
             .map(|(&address, _)| address)
             .collect();
         for address in done {
-            let (bytes, _, epoch) = self.remove_free(address);
-            self.free_range(address, bytes, FRESH, epoch);
+            let (bytes, key, epoch) = self.remove_free(address);
+            self.free_range(address, bytes, keys::fresh_like(key), epoch);
         }
     }
 
-    /// Makes `[address, address + bytes)` free for stream key `key`, merged with free
-    /// neighbours of the same key.
+    /// Makes `[address, address + bytes)` free for key `key`, merged with free neighbours of
+    /// the same key (inside one page for small pages, where a stream's space also takes in
+    /// fresh neighbours: no work touched them; a wholly free small page becomes ordinary free
+    /// space again).
     pub(super) fn free_range(&mut self, mut address: u64, mut bytes: usize, key: u64, epoch: u64) {
+        let small = keys::is_small(key);
+        let (base, page_bytes) = (self.base, self.page_bytes as u64);
+        let page_start = move |at: u64| at - (at - base) % page_bytes;
+        let joins = |other: u64| other == key || (small && other == keys::FRESH_SMALL);
         let before = self
             .free_at
             .range(..address)
             .next_back()
             .map(|(&start, &(size, other, _))| (start, size, other));
         if let Some((start, size, other)) = before {
-            if start + size as u64 == address && other == key {
+            let same_page = !small || page_start(start) == page_start(address);
+            if start + size as u64 == address && joins(other) && same_page {
                 self.remove_free(start);
                 address = start;
                 bytes += size;
@@ -329,24 +348,42 @@ impl<O> VmState<O> {
         }
         let end = address + bytes as u64;
         if let Some(&(size, other, _)) = self.free_at.get(&end) {
-            if other == key {
+            if joins(other) && (!small || page_start(end) == page_start(address)) {
                 self.remove_free(end);
                 bytes += size;
                 self.counters.merges += 1;
             }
         }
+        if small && bytes == self.page_bytes {
+            // The last class block of the page left: the page serves any block again.
+            let page = ((address - self.base) / page_bytes) as usize;
+            self.pages[page].small = false;
+            self.free_range(address, bytes, keys::outside_small(key), epoch);
+            return;
+        }
         self.insert_free(address, bytes, key, epoch);
     }
 
-    pub(super) fn mark_live(&mut self, address: u64, bytes: usize, requested_bytes: usize) {
+    pub(super) fn mark_live(
+        &mut self,
+        address: u64,
+        bytes: usize,
+        requested_bytes: usize,
+        for_class: bool,
+    ) {
         for page in self.pages_of(address, bytes) {
             self.pages[page].used_bytes += self.overlap(page, address, bytes);
         }
         self.live.insert(address, bytes);
         let counters = &mut self.counters;
-        counters.in_use_blocks += 1;
-        counters.in_use_bytes += bytes as u64;
-        counters.requested_live_bytes += requested_bytes as u64;
+        if for_class {
+            counters.class_blocks += 1;
+            counters.class_bytes += bytes as u64;
+        } else {
+            counters.in_use_blocks += 1;
+            counters.in_use_bytes += bytes as u64;
+            counters.requested_live_bytes += requested_bytes as u64;
+        }
         counters.free_bytes -= bytes as u64;
     }
 
@@ -411,7 +448,9 @@ impl<O> VmState<O> {
             self.pages[page].last_stream = stream;
             self.pages[page].freed_at = self.free_count;
         }
-        self.free_range(address, bytes, stream.0, epoch);
+        // A block in a small page lies inside it: its space stays the page's.
+        let small = self.pages[*self.pages_of(address, bytes).start()].small;
+        self.free_range(address, bytes, keys::own(stream, small), epoch);
     }
 
     /// Frees the gated blocks whose fences have completed.

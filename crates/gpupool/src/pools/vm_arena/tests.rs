@@ -27,7 +27,14 @@ fn take(arena: &VmArena<()>, bytes: usize, stream: u64) -> Box<BlockRecord<()>> 
     };
     let done = |_| Some(Arc::new(CompletedFence) as Arc<dyn Fence>);
     let (record, _) = arena
-        .take_or_map(&request, None, done, |_, _| Ok::<(), ()>(()), |_, _| {})
+        .take_or_map(
+            &request,
+            false,
+            None,
+            done,
+            |_, _| Ok::<(), ()>(()),
+            |_, _| {},
+        )
         .unwrap()
         .unwrap();
     record

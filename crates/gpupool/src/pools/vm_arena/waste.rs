@@ -2,8 +2,8 @@
 //! streams or fences, fragmentation (see `PoolStats::waste`).
 #![forbid(unsafe_code)]
 
+use super::keys;
 use super::state::VmState;
-use super::FRESH;
 use crate::stats::LargeStats;
 
 impl<O> VmState<O> {
@@ -12,7 +12,7 @@ impl<O> VmState<O> {
     pub fn counters_with_waste(&self) -> LargeStats {
         let mut granularity = 0u64;
         let mut held = 0u64;
-        let own = self.last_mapping_stream.0;
+        let own = self.last_mapping_stream;
         for (index, page) in self.pages.iter().enumerate() {
             if page.handle.is_none() {
                 continue;
@@ -28,8 +28,8 @@ impl<O> VmState<O> {
                 .free_at
                 .range(..=start)
                 .next_back()
-                .map_or(FRESH, |(_, &(_, key, _))| key);
-            if owner != FRESH && owner != own {
+                .and_then(|(_, &(_, key, _))| keys::stream_of(key));
+            if owner.is_some_and(|owner| owner != own) {
                 held += self.page_bytes as u64;
             }
         }

@@ -95,10 +95,11 @@ enum Command {
         /// on workloads whose block sizes change, for more driver calls).
         #[arg(long)]
         reclaim_at_peak: bool,
-        /// With virtual memory: allocate class blocks one by one from the backend
-        /// (`cuMemAlloc`) instead of carving them out of the arena's pages.
+        /// With virtual memory: carve class blocks out of small pages of the arena instead of
+        /// allocating them one by one from the backend (`cuMemAlloc`); idle class blocks then
+        /// go back to the arena before it maps past its peak.
         #[arg(long)]
-        class_blocks_from_backend: bool,
+        carve_class_blocks: bool,
         /// Draw requested-live, in-use and reserved bytes over the trace into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -212,7 +213,7 @@ fn run(command: Command) -> Result<(), String> {
             steps_per_doubling,
             seed_rules,
             reclaim_at_peak,
-            class_blocks_from_backend,
+            carve_class_blocks,
             plot,
             plot_every,
             dashboard: with_dashboard,
@@ -228,7 +229,7 @@ fn run(command: Command) -> Result<(), String> {
                 steps_per_doubling,
                 seed_rules,
                 reclaim_at_peak,
-                class_blocks_from_backend,
+                carve_class_blocks,
                 plot,
                 plot_every,
                 runs,

@@ -159,7 +159,7 @@ impl Default for PoolConfigBuilder {
             virtual_memory_pages: Some(0),
             reclaim_at_peak: false,
             release_idle_at_peak: true,
-            carve_class_blocks: true,
+            carve_class_blocks: false,
             max_idle_bytes_per_class: 4 << 20,
         }
     }
@@ -266,10 +266,16 @@ impl PoolConfigBuilder {
     }
 
     /// Whether, where the virtual-memory arena serves device memory, class blocks are carved
-    /// out of its mapped pages (on by default: a class miss costs no driver call unless a page
-    /// must be mapped, small blocks share pages, and idle class blocks go back into the arena's
-    /// free space) rather than allocated one by one from the backend (`cuMemAlloc`). Without
-    /// an arena, class blocks always come from the backend.
+    /// out of small pages of the arena (a class miss costs no driver call unless a page must be
+    /// mapped, and idle class blocks go back into the arena's free space before it maps past
+    /// its peak) rather than allocated one by one from the backend (`cuMemAlloc`). Off by
+    /// default: on the H200 it made the replays slower (medians of four interleaved rounds,
+    /// ns per operation: resnet50 624 → 1,015, vit 450 → 628, bert 185 → 236, gpt2_train 807 →
+    /// 863) for a peak ÷ live that is lower on three traces (bert 1.292 → 1.268, gpt2_generate
+    /// 1.089 → 1.046, vit 1.063 → 1.047) and higher on two (resnet50 1.016 → 1.036, effnet
+    /// 1.011 → 1.015); see BENCHMARKS.md. Small blocks are then counted honestly at page
+    /// granularity, as the peers count theirs. Without an arena, class blocks always come from
+    /// the backend.
     pub fn carve_class_blocks(mut self, enabled: bool) -> Self {
         self.carve_class_blocks = enabled;
         self

@@ -68,8 +68,8 @@ pub struct ReplayOptions {
     pub seed_rules: bool,
     /// `PoolConfig::reclaim_at_peak`.
     pub reclaim_at_peak: bool,
-    /// `!PoolConfig::carve_class_blocks`.
-    pub class_blocks_from_backend: bool,
+    /// `PoolConfig::carve_class_blocks`.
+    pub carve_class_blocks: bool,
     /// Where to draw the memory timeline, if anywhere.
     pub plot: Option<PathBuf>,
     /// Events between two timeline samples.
@@ -269,7 +269,7 @@ fn manager(
     let mut config = PoolConfig::builder()
         .steps_per_doubling(options.steps_per_doubling)
         .reclaim_at_peak(options.reclaim_at_peak)
-        .carve_class_blocks(!options.class_blocks_from_backend)
+        .carve_class_blocks(options.carve_class_blocks)
         .maintenance_interval(Duration::ZERO);
     if options.seed_rules {
         config = config

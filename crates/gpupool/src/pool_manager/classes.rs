@@ -168,11 +168,6 @@ impl PoolManager {
                 && vm_arena::serves(request.stream)
         });
         if let Some(arena) = arena {
-            if !arena.fits_in_small_pages(request.stream, class_bytes) {
-                // Idle class blocks sit in small pages: they go back before another page is
-                // set aside for class blocks.
-                self.release_idle_classes_to_arena(pool);
-            }
             let carve = Request {
                 block_bytes: class_bytes,
                 served: false,

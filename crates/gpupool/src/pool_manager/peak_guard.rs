@@ -1,44 +1,40 @@
-//! The pool does not grow past its peak while class caches hold idle blocks: before a mapping
-//! would take the device's held bytes above the most it ever held, idle class blocks worth the
-//! excess go back first (largest classes first, oldest blocks first: the fewest blocks, and
-//! those least likely to be wanted soon), and the placement is tried again.
+//! The pool does not grow past its peak while class caches hold idle blocks carved out of the
+//! virtual-memory arena: before a mapping would take the device's held bytes above the most it
+//! ever held, idle carved blocks worth the excess go back into the arena first (largest classes
+//! first, oldest blocks first: the fewest blocks, and those least likely to be wanted soon),
+//! and the placement is tried again.
 //!
 //! Why a rule at the peak and not a cap on idle bytes: a cap fitted to one workload is too
 //! large for the next (the traces' idle class blocks were 10–35 MB at their peaks, 0.3–7 % of
 //! the live bytes), and a small cap turns hits into misses everywhere. Below the peak idle
 //! blocks cost nothing the pool did not already hold; only growth past it is what the device
-//! pays for. Class blocks carved out of the arena go back into it (no driver call, and the
-//! space merges with its free neighbours); others are released through the upstream (a
-//! fenced, deferred release where GPU work may still use them), never with a wait.
+//! pays for. Carved blocks go back into the arena with no driver call, their space merging with
+//! its free neighbours. Blocks from the backend (`carve_class_blocks` off, or other memory
+//! kinds) are left alone: giving them back is a `cuMemFree`, which synchronises the device and
+//! cost the H200 replays more time than the peak was worth (gpt2_train 568 → 804–1,144 ns per
+//! operation).
 #![forbid(unsafe_code)]
 
 use super::device::DevicePool;
 use super::PoolManager;
 
 impl PoolManager {
-    /// Gives every idle class block carved out of the arena back to it (a class miss found no
-    /// room in the small pages set aside).
-    pub(super) fn release_idle_classes_to_arena(&self, pool: &DevicePool) {
-        if !self.config.release_idle_at_peak {
-            return;
-        }
-        let blocks: Vec<_> = pool
-            .caches
-            .iter()
-            .skip(pool.virtual_slot)
-            .step_by(pool.kinds.len())
-            .flat_map(|cache| cache.remove_idle(0, None))
-            .collect();
-        if !blocks.is_empty() {
-            self.release_blocks(pool, blocks);
-        }
+    /// Whether mappings are guarded: there may be carved class blocks to give back.
+    pub(super) fn guards_peak(&self) -> bool {
+        self.config.release_idle_at_peak && self.config.carve_class_blocks
     }
 
-    /// Releases idle class blocks worth at least `excess_bytes` (or all there are).
+    /// Releases idle carved class blocks worth at least `excess_bytes` (or all there are).
     pub(super) fn release_idle_before_peak(&self, pool: &DevicePool, excess_bytes: u64) {
         let mut released = 0u64;
         let mut blocks = Vec::new();
-        for cache in pool.caches.iter().rev() {
+        // The device-memory caches, the only ones the arena carves for, largest class first.
+        let carved = pool
+            .caches
+            .iter()
+            .skip(pool.virtual_slot)
+            .step_by(pool.kinds.len());
+        for cache in carved.rev() {
             if released >= excess_bytes {
                 break;
             }

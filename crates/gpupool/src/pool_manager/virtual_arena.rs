@@ -153,7 +153,7 @@ impl PoolManager {
         request: &Request,
         for_class: bool,
     ) -> Result<Option<Placed<Owner>>, BackendError> {
-        let guard = self.config.release_idle_at_peak;
+        let guard = self.guards_peak();
         match self.take_mapping(pool, arena, request, for_class, guard) {
             Err(MapRefusal::PastPeak { excess_bytes }) => {
                 self.release_idle_before_peak(pool, excess_bytes);

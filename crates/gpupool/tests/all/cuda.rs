@@ -942,7 +942,10 @@ fn pool_calls_give_the_thread_its_own_context_back_and_accept_lent_streams() -> 
     let lent_id = unsafe { backend.register_stream(lent.cu_stream()) };
     assert_eq!(lent_id.0, lent.cu_stream() as usize as u64);
     let own = backend.create_stream()?;
-    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    // Class blocks from `cuMemAlloc`, which belong to a context (carved blocks of the
+    // virtual-memory arena belong to none: `cuMemCreate` memory is the device's).
+    let config = config().carve_class_blocks(false).build()?;
+    let manager = MemoryManager::with_config(backend, config)?;
 
     // The user works with another context on this thread; pool calls must not switch it.
     let other = CudaContext::new_non_primary(0, 0)?;

@@ -21,6 +21,11 @@ fn vm_device(capacity_bytes: u64, asynchronous: bool) -> SimConfig {
     }
 }
 
+/// The defaults with class blocks carved out of the arena's small pages.
+fn carving() -> gpupool::PoolConfigBuilder {
+    defaults().carve_class_blocks(true)
+}
+
 fn on(stream: u64) -> AllocOptions {
     AllocOptions {
         stream: StreamId(stream),
@@ -309,7 +314,7 @@ fn the_last_stream_id_is_served_by_segments_not_the_arena() {
 #[test]
 fn idle_class_blocks_go_back_before_a_mapping_raises_the_peak() {
     let guarded = |enabled: bool| {
-        let config = defaults().release_idle_at_peak(enabled);
+        let config = carving().release_idle_at_peak(enabled);
         let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), config);
         // 4 MiB of idle 512 KiB class blocks, then a large block that must map fresh pages.
         let small: Vec<_> = (0..8)
@@ -339,7 +344,7 @@ fn idle_class_blocks_go_back_before_a_mapping_raises_the_peak() {
 
 #[test]
 fn below_the_peak_idle_class_blocks_stay_cached() {
-    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), carving());
     let large = manager.allocate_bytes(8 * MIB).unwrap();
     drop(large);
     let trimmed = manager.trim(TrimLevel::Aggressive);
@@ -361,7 +366,7 @@ fn below_the_peak_idle_class_blocks_stay_cached() {
 
 #[test]
 fn class_blocks_are_carved_out_of_shared_small_pages() {
-    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), carving());
     let blocks: Vec<_> = (0..100)
         .map(|_| manager.allocate_bytes(4096).unwrap())
         .collect();
@@ -390,10 +395,7 @@ fn class_blocks_are_carved_out_of_shared_small_pages() {
     let class = stats.class(4096, gpupool::MemoryKind::Device).unwrap();
     assert_eq!(class.arena_returns, 100);
     let _ = stats;
-    let with_backend = sim_manager_on(
-        vm_device(1 << 30, false),
-        defaults().carve_class_blocks(false),
-    );
+    let with_backend = sim_manager_on(vm_device(1 << 30, false), defaults());
     let (manager_b, sim_b) = with_backend;
     let small = manager_b.allocate_bytes(4096).unwrap();
     assert_eq!(small.block_bytes(), 4096);
@@ -411,7 +413,7 @@ fn class_blocks_are_carved_out_of_shared_small_pages() {
 
 #[test]
 fn a_small_page_whose_blocks_all_left_serves_large_blocks_again() {
-    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), carving());
     let small = manager.allocate_bytes(64 * 1024).unwrap();
     let page = small.device_address();
     drop(small); // idle in its class, on the one page mapped so far
@@ -429,7 +431,7 @@ fn carved_class_blocks_wait_for_their_streams_work_before_another_stream_reuses_
     // Asynchronous device: fences complete only when the device says so.
     let (manager, sim) = sim_manager_on(
         vm_device(1 << 30, true),
-        defaults().max_idle_per_class(1).min_idle_per_class(0),
+        carving().max_idle_per_class(1).min_idle_per_class(0),
     );
     let first = manager.allocate_with::<u8>(4096, on(1)).unwrap();
     let second = manager.allocate_with::<u8>(4096, on(1)).unwrap();

@@ -219,15 +219,6 @@ impl<O> VmArena<O> {
         Ok(Some((record, hit)))
     }
 
-    /// Whether a class block of `bytes` on `stream` fits in small pages already set aside
-    /// (its stream's or fresh space), so that placing it sets no new page aside.
-    pub fn fits_in_small_pages(&self, stream: StreamId, bytes: usize) -> bool {
-        let state = self.lock();
-        bytes > state.page_bytes / SMALL_PAGE_SHARE
-            || state.fits(keys::own(stream, true), bytes)
-            || state.fits(keys::FRESH_SMALL, bytes)
-    }
-
     /// Unmaps handles none of whose pages a block uses, once the work that used them is done:
     /// each is first marked with fences recorded now on every stream that freed space on it
     /// (`fence_after`; `None` leaves it mapped), and is unmapped (`unmap(address, bytes)`,

@@ -25,7 +25,7 @@ torch.empty(1, device="cuda")
 for size in (4096, 1 << 20, 16 << 20):
     rounds = []
     for _ in range(5):
-        count = 20000
+        count = 10000
         start = time.perf_counter_ns()
         for _ in range(count):
             tensor = torch.empty(size, dtype=torch.uint8, device="cuda")

@@ -157,6 +157,10 @@ def main():
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--record-trace",
+        help="gpupool only: record the run's allocations here (replay them with `gpupool replay`)",
+    )
     args = parser.parse_args()
     torch = choose_allocator(args.allocator)
     torch.cuda.init()
@@ -165,6 +169,12 @@ def main():
     run, default_steps = WORKLOADS[args.workload]
     steps = args.steps or default_steps
     outputs, times = [], []
+    recording = None
+    if args.record_trace:
+        import gpupool.torch
+
+        recording = gpupool.torch.record_trace(args.record_trace)
+        recording.__enter__()
     start = time.perf_counter()
     for output in run(torch, steps):
         torch.cuda.synchronize()
@@ -173,13 +183,15 @@ def main():
         start = now
         memory.read()
         outputs.append(output)
+    if recording is not None:
+        recording.__exit__(None, None, None)
     peak_bytes = memory.stop()
     result = {
         "allocator": args.allocator,
         "workload": args.workload,
         "steps": steps,
         "outputs": outputs,
-        "step_ms_median": statistics.median(times[WARMUP_STEPS:]) * 1e3,
+        "step_ms_median": statistics.median(times[min(WARMUP_STEPS, len(times) - 1) :]) * 1e3,
         "step_ms": [t * 1e3 for t in times],
         "peak_device_bytes": peak_bytes,
         "device": torch.cuda.get_device_name(0),

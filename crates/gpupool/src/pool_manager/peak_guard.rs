@@ -40,7 +40,7 @@ impl PoolManager {
             }
             let class_bytes = cache.class_bytes() as u64;
             let wanted = (excess_bytes - released).div_ceil(class_bytes) as usize;
-            let removed = cache.remove_oldest(wanted);
+            let removed = cache.remove_oldest_carved(wanted);
             released += removed.len() as u64 * class_bytes;
             blocks.extend(removed);
         }

@@ -253,12 +253,13 @@ impl<O> ClassCache<O> {
     /// dropped in an epoch `<= idle_since` are taken when it is given. The removed blocks are
     /// counted as released here; the caller gives them to the backend.
     pub fn remove_idle(&self, keep: usize, idle_since: Option<u64>) -> Vec<IdleBlock<O>> {
-        self.remove_some(keep, usize::MAX, idle_since)
+        self.remove_some(keep, usize::MAX, idle_since, false)
     }
 
-    /// Removes at most `blocks` idle blocks, oldest first (see [`ClassCache::remove_idle`]).
-    pub fn remove_oldest(&self, blocks: usize) -> Vec<IdleBlock<O>> {
-        self.remove_some(0, blocks, None)
+    /// Removes at most `blocks` idle blocks carved out of the virtual-memory arena, oldest
+    /// first (see [`ClassCache::remove_idle`]).
+    pub fn remove_oldest_carved(&self, blocks: usize) -> Vec<IdleBlock<O>> {
+        self.remove_some(0, blocks, None, true)
     }
 
     fn remove_some(
@@ -266,6 +267,7 @@ impl<O> ClassCache<O> {
         keep: usize,
         at_most: usize,
         idle_since: Option<u64>,
+        only_carved: bool,
     ) -> Vec<IdleBlock<O>> {
         let mut shards = self.lock_all();
         let cached: usize = shards.iter().map(|shard| shard.idle.len()).sum();
@@ -279,7 +281,7 @@ impl<O> ClassCache<O> {
             let before = removed.len();
             for idle in shard.idle.drain(..) {
                 let old_enough = idle_since.is_none_or(|epoch| idle.epoch <= epoch);
-                if budget > 0 && old_enough {
+                if budget > 0 && old_enough && (!only_carved || idle.record.carved) {
                     budget -= 1;
                     removed.push(idle);
                 } else {

@@ -324,14 +324,16 @@ impl<O> VmState<O> {
     }
 
     /// Makes `[address, address + bytes)` free for key `key`, merged with free neighbours of
-    /// the same key (inside one page for small pages, where a stream's space also takes in
-    /// fresh neighbours: no work touched them; a wholly free small page becomes ordinary free
-    /// space again).
+    /// the same key and, for a stream's space, with fresh neighbours (no queued work touches
+    /// them, so the stream may use them at once) apart from the untouched end of the
+    /// reservation; inside one page for small pages, where a wholly free small page becomes
+    /// ordinary free space again.
     pub(super) fn free_range(&mut self, mut address: u64, mut bytes: usize, key: u64, epoch: u64) {
         let small = keys::is_small(key);
         let (base, page_bytes) = (self.base, self.page_bytes as u64);
         let page_start = move |at: u64| at - (at - base) % page_bytes;
-        let joins = |other: u64| other == key || (small && other == keys::FRESH_SMALL);
+        let joins =
+            |other: u64| other == key || (!keys::is_fresh(key) && other == keys::fresh_like(key));
         let before = self
             .free_at
             .range(..address)
@@ -347,8 +349,13 @@ impl<O> VmState<O> {
             }
         }
         let end = address + bytes as u64;
+        let reservation_end = self.base + self.reservation.block.bytes() as u64;
         if let Some(&(size, other, _)) = self.free_at.get(&end) {
-            if joins(other) && (!small || page_start(end) == page_start(address)) {
+            // Never the untouched space at the end of the reservation: that stays fresh, for
+            // the frontier rule of `place` to extend from whichever stream reaches it.
+            let frontier = other == FRESH && end + size as u64 == reservation_end;
+            let joins = (other == key) || (joins(other) && !frontier);
+            if joins && (!small || page_start(end) == page_start(address)) {
                 self.remove_free(end);
                 bytes += size;
                 self.counters.merges += 1;

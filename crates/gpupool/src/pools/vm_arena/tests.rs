@@ -116,3 +116,28 @@ fn after_a_wait_only_frees_before_it_skip_the_fence() {
     );
     assert_eq!(unmapped, PAGE, "only the page freed before the wait");
 }
+
+/// Fresh space between a stream's freed block and another block (space another stream freed
+/// and that was retired) joins the stream's free range: a block spanning both fits there
+/// instead of at the end of the used space (bert_serve: 1.292 → 1.228 peak reserved ÷ live).
+#[test]
+fn a_freed_range_takes_in_retired_fresh_neighbours() {
+    let arena = arena(16);
+    let a = take(&arena, PAGE, 1);
+    let b = take(&arena, PAGE, 2);
+    let c = take(&arena, PAGE, 1);
+    let a_address = a.block.device_address();
+    give(&arena, b, 2);
+    // Nothing of stream 1's own fits 3 pages: stream 2's space is retired (its fence is
+    // complete), becoming fresh, and the block goes past `c`.
+    let d = take(&arena, 3 * PAGE, 1);
+    assert!(d.block.device_address() > c.block.device_address());
+    give(&arena, a, 1);
+    let spanning = take(&arena, 2 * PAGE, 1);
+    assert_eq!(
+        spanning.block.device_address(),
+        a_address,
+        "a's space and b's, merged"
+    );
+    drop((c, d, spanning));
+}

@@ -345,7 +345,13 @@ impl VirtualMemory for SimBackend {
         }
         let mut ledger = self.ledger();
         let address = ledger.next_address.next_multiple_of(SIM_PAGE_BYTES as u64);
-        ledger.next_address = address + bytes as u64;
+        // Why checked: a reservation past the end of the 64-bit address space is refused, as a
+        // driver refuses one larger than its address space (a page size near `usize::MAX`
+        // asked for one and overflowed the addition here; fuzzing found it).
+        let Some(end) = address.checked_add(bytes as u64) else {
+            return Err(BackendError::OutOfMemory);
+        };
+        ledger.next_address = end;
         ledger.counters.reserved_address_bytes += bytes as u64;
         // SAFETY: the block has no host pointer, so it promises nothing about host memory; the
         // synthetic address range is this reservation's alone (addresses are never reused).

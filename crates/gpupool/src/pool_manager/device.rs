@@ -169,7 +169,10 @@ fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmAr
     let granularity = memory.granularity().max(1);
     let page_bytes = match page_setting {
         0 => granularity,
-        bytes => bytes.next_multiple_of(granularity),
+        // Why checked: a page size within one granularity of `usize::MAX` has no multiple of
+        // it in `usize` (`virtual_memory_pages(Some(usize::MAX))` overflowed here; fuzzing
+        // found it). No arena then, as for any page size the address space cannot hold.
+        bytes => bytes.checked_next_multiple_of(granularity)?,
     };
     let capacity = backend.memory_info()?.total_bytes;
     let address_bytes = usize::try_from(capacity.checked_mul(2)?)

@@ -114,8 +114,10 @@ fn a_failed_zero_in_the_large_arena_strands_no_pool_reference() {
 #[test]
 fn a_buffer_dropped_while_the_last_handle_drops_does_not_leak_the_pool() {
     const THREADS: usize = 4;
-    const PER_THREAD: usize = 3000;
-    for attempt in 0..50 {
+    // Miri interprets every step (about 1,000 times slower) and preempts threads at random
+    // points itself, so fewer and smaller attempts still race the drops against the handle.
+    let (attempts, per_thread) = if cfg!(miri) { (3, 40) } else { (50, 3000) };
+    for attempt in 0..attempts {
         let sim = SimBackend::new(SimConfig::default());
         let config = PoolConfig::builder()
             .max_idle_per_class(1 << 20)
@@ -127,7 +129,7 @@ fn a_buffer_dropped_while_the_last_handle_drops_does_not_leak_the_pool() {
         let manager = MemoryManager::with_config(sim.clone(), config).unwrap();
         let batches: Vec<Vec<_>> = (0..THREADS)
             .map(|_| {
-                (0..PER_THREAD)
+                (0..per_thread)
                     .map(|_| manager.allocate_bytes(256).unwrap())
                     .collect()
             })
@@ -454,4 +456,59 @@ fn host_visible_access_waits_for_the_stream_once_per_buffer() {
 
 fn assert_consistent_sim(stats: &gpupool::PoolStats, sim: &SimBackend) {
     crate::common::assert_consistent(stats, sim);
+}
+
+/// Fuzzing (fuzz/fuzz_targets/config_builder.rs): `virtual_memory_pages(Some(usize::MAX))`
+/// made the arena round the page size up to a multiple of the granularity, which overflowed
+/// (a panic with overflow checks, a page size of 0 without). Such page sizes now leave the
+/// device without an arena: large requests are served from segments.
+#[test]
+fn virtual_memory_pages_near_usize_max_do_not_overflow() {
+    use gpupool::backend::sim::SIM_PAGE_BYTES;
+    for page_bytes in [usize::MAX, usize::MAX - SIM_PAGE_BYTES + 2] {
+        let sim = SimBackend::new(SimConfig {
+            capacity_bytes: 1 << 30,
+            virtual_memory: true,
+            ..SimConfig::default()
+        });
+        let config = defaults()
+            .virtual_memory_pages(Some(page_bytes))
+            .maintenance_interval(Duration::ZERO)
+            .build()
+            .unwrap();
+        let manager = MemoryManager::with_config(sim.clone(), config).unwrap();
+        let buffer = manager.allocate_bytes(4 * MIB).unwrap();
+        assert!(buffer.is_large());
+        assert_consistent_sim(&manager.stats(), &sim);
+        drop(buffer);
+        drop(manager);
+        assert_eq!(sim.counters().live_allocations, 0);
+    }
+}
+
+/// Fuzzing (fuzz/fuzz_targets/config_builder.rs): a page size just short of `usize::MAX - 2 MiB`
+/// rounds without overflow, so the arena asked the sim for a reservation of that size, and the
+/// sim's address arithmetic overflowed. The sim now refuses a reservation past the end of the
+/// address space, as a driver does, and the pool serves large requests from segments.
+#[test]
+fn a_reservation_past_the_end_of_the_address_space_is_refused() {
+    let page_bytes = 18_446_744_039_299_284_220; // the fuzzer's, about 2^64 − 2^35
+    let sim = SimBackend::new(SimConfig {
+        capacity_bytes: 1 << 30,
+        virtual_memory: true,
+        ..SimConfig::default()
+    });
+    let config = defaults()
+        .virtual_memory_pages(Some(page_bytes))
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let manager = MemoryManager::with_config(sim.clone(), config).unwrap();
+    assert_eq!(sim.counters().reserved_address_bytes, 0, "nothing reserved");
+    let buffer = manager.allocate_bytes(4 * MIB).unwrap();
+    assert!(buffer.is_large());
+    assert_consistent_sim(&manager.stats(), &sim);
+    drop(buffer);
+    drop(manager);
+    assert_eq!(sim.counters().live_allocations, 0);
 }

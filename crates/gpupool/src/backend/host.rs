@@ -192,6 +192,10 @@ mod tests {
     /// Issue 9: a 16 GiB request took 68 s because the whole block was zeroed up front. Mapped
     /// blocks come zeroed from the OS and take memory only where touched.
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "about the OS's lazy zeroing: reads resident memory from /proc, which Miri isolates"
+    )]
     fn a_huge_host_block_is_not_zeroed_up_front() {
         if !cfg!(target_os = "linux") {
             println!("skipped: resident memory is read from /proc");

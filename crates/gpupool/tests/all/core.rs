@@ -300,6 +300,8 @@ fn the_budget_is_never_exceeded_and_idle_blocks_are_released_to_fit() {
 fn the_budget_holds_under_concurrency() {
     let budget = 256 * KIB as u64;
     let (manager, sim) = sim_manager(defaults().budget_bytes(Some(budget)));
+    // Miri interprets every step (about 1,000 times slower): fewer of them still interleave.
+    let steps = if cfg!(miri) { 60 } else { 2000 };
     let barrier = Arc::new(Barrier::new(8));
     let threads: Vec<_> = (0..8)
         .map(|thread| {
@@ -308,7 +310,7 @@ fn the_budget_holds_under_concurrency() {
             std::thread::spawn(move || {
                 barrier.wait();
                 let mut held = Vec::new();
-                for step in 0..2000 {
+                for step in 0..steps {
                     let bytes = 1024 << ((thread + step) % 6);
                     match manager.allocate_bytes(bytes) {
                         Ok(buffer) => held.push(buffer),
@@ -568,7 +570,8 @@ fn stats_identities_hold_over_a_mixed_workload() {
     let (manager, sim) = sim_manager(defaults().steps_per_doubling(2).max_idle_per_class(8));
     let mut held = Vec::new();
     let mut state = 12345u64;
-    for step in 0..5000 {
+    let steps = if cfg!(miri) { 400 } else { 5000 };
+    for step in 0..steps {
         state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -578,10 +581,10 @@ fn stats_identities_hold_over_a_mixed_workload() {
         } else {
             held.push(manager.allocate_bytes(bytes).unwrap());
         }
-        if step % 500 == 0 {
+        if step % (steps / 10) == 0 {
             assert_consistent(&manager.stats(), &sim);
         }
-        if step == 2500 {
+        if step == steps / 2 {
             manager.trim(TrimLevel::Normal);
         }
     }
@@ -647,6 +650,7 @@ fn no_block_is_ever_held_by_two_owners_across_eight_threads() {
     )
     .unwrap();
     let owned = Arc::new(Mutex::new(HashSet::new()));
+    let steps = if cfg!(miri) { 60 } else { 3000u64 };
     let barrier = Arc::new(Barrier::new(8));
     let threads: Vec<_> = (0..8u64)
         .map(|thread| {
@@ -656,7 +660,7 @@ fn no_block_is_ever_held_by_two_owners_across_eight_threads() {
             std::thread::spawn(move || {
                 barrier.wait();
                 let mut held = Vec::new();
-                for step in 0..3000u64 {
+                for step in 0..steps {
                     let count = 64 << (step % 4);
                     let mut buffer = manager.allocate::<u64>(count).unwrap();
                     assert!(
@@ -695,7 +699,7 @@ fn no_block_is_ever_held_by_two_owners_across_eight_threads() {
         thread.join().unwrap();
     }
     let stats = manager.stats();
-    assert_eq!(stats.totals.requests, 8 * 3000);
+    assert_eq!(stats.totals.requests, 8 * steps);
     assert_eq!(stats.totals.in_use_bytes, 0);
     assert_eq!(stats.totals.reserved_bytes, stats.totals.cached_bytes);
     assert!(stats.totals.hit_rate > 0.5, "threads share cached blocks");

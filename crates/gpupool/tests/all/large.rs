@@ -164,7 +164,9 @@ fn mixed_sizes_keep_reserved_close_to_live() {
     let mut state = 7u64;
     let mut peak_live = 0u64;
     let mut live = 0u64;
-    for _ in 0..4000 {
+    // Miri interprets every step (about 1,000 times slower): a quarter of them.
+    let steps = if cfg!(miri) { 1000 } else { 4000 };
+    for _ in 0..steps {
         state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -200,6 +202,8 @@ fn eight_threads_never_share_bytes_across_classes_and_the_arena() {
     );
     // Live ranges by start address: a new buffer must not overlap any live one.
     let live: Arc<Mutex<BTreeMap<u64, u64>>> = Arc::default();
+    // Miri interprets every step (about 1,000 times slower): fewer of them still interleave.
+    let steps = if cfg!(miri) { 60 } else { 1500u64 };
     let barrier = Arc::new(Barrier::new(8));
     let threads: Vec<_> = (0..8u64)
         .map(|thread| {
@@ -209,7 +213,7 @@ fn eight_threads_never_share_bytes_across_classes_and_the_arena() {
                 barrier.wait();
                 let mut state = thread.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
                 let mut held = Vec::new();
-                for step in 0..1500u64 {
+                for step in 0..steps {
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
@@ -243,7 +247,7 @@ fn eight_threads_never_share_bytes_across_classes_and_the_arena() {
                         live.lock().unwrap().remove(&buffer.device_address());
                         drop(buffer);
                     }
-                    if step % 100 == 0 {
+                    if step % (steps / 15) == 0 {
                         sim.complete_fences();
                     }
                 }

@@ -79,6 +79,10 @@ fn imported_modules(source: &str) -> BTreeSet<String> {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "reads the crate's sources from disk, which Miri's isolation forbids; no unsafe code to check"
+)]
 fn no_module_imports_from_a_layer_above_its_own() {
     let source_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();

@@ -11,4 +11,5 @@ mod observability;
 mod properties;
 mod regressions;
 mod stream_safety;
+mod stress;
 mod virtual_memory;

@@ -268,9 +268,15 @@ impl Backend for FakeMetal {
         }
         let buffer = ledger.live.remove(&block.token()).expect("checked above");
         if let Some(host) = buffer.host {
-            // SAFETY: `host` came from `alloc_zeroed` with this layout in `allocate`, and the
+            // Freed through the block's pointer, not one made from the ledger's integer: only
+            // the former carries the allocation's provenance (Miri's strict provenance checks).
+            let ptr = block
+                .host_ptr()
+                .filter(|ptr| ptr.as_ptr() as usize == host)
+                .expect("the block's host pointer is the one allocated");
+            // SAFETY: `ptr` came from `alloc_zeroed` with this layout in `allocate`, and the
             // buffer was just removed from the ledger, so it is freed once.
-            unsafe { std::alloc::dealloc(host as *mut u8, host_layout(buffer.bytes)) };
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), host_layout(buffer.bytes)) };
         }
         ledger.released.push(buffer.device_address);
     }

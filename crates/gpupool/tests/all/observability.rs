@@ -2,6 +2,11 @@
 //! empty pool, a test per recommendation trigger and for the quiet case, and width and NaN
 //! checks on every render. The JSON report's tests need the `json` feature and the telemetry's
 //! the `prometheus` feature (both on in `cargo test --workspace`, where the CLI enables them).
+//!
+//! Left out under Miri (`devscripts/miri.sh`): the module renders text from snapshots, in code
+//! that forbids `unsafe`, and takes longer interpreted (about ten minutes) than every other
+//! module together; the pool operations it drives to make its snapshots are `core`'s.
+#![cfg(not(miri))]
 
 use std::time::{Duration, UNIX_EPOCH};
 

@@ -427,9 +427,13 @@ fn run_case(pool: PoolSetup, device: DeviceSetup, ops: Vec<Op>, end: Teardown) {
     assert_eq!(ledger.invalid_releases, 0, "{end:?}: {ledger:?}");
 }
 
+/// Operations per case. Under Miri every operation's snapshot check takes about a second
+/// (a snapshot walks every class and shard), so cases are fewer and shorter there.
+const MAX_OPS: usize = if cfg!(miri) { 30 } else { 200 };
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: if cfg!(miri) { 4 } else { 64 },
+        cases: if cfg!(miri) { 2 } else { 64 },
         // No regression file next to the tests: a failure is written up as a test instead.
         failure_persistence: None,
         ..ProptestConfig::default()
@@ -439,7 +443,7 @@ proptest! {
     fn random_operation_sequences_keep_every_stats_identity(
         pool in pool_setup(),
         device in device_setup(),
-        ops in prop::collection::vec(operation(), 1..=200),
+        ops in prop::collection::vec(operation(), 1..=MAX_OPS),
         end in teardown(),
     ) {
         run_case(pool, device, ops, end);

@@ -24,6 +24,11 @@ pub(super) fn driver_available() -> bool {
 }
 
 fn probe_driver() -> bool {
+    // Miri cannot load a shared library (`dlopen` is a foreign call it does not emulate), so
+    // under Miri there is no driver, as on a machine without one.
+    if cfg!(miri) {
+        return false;
+    }
     // SAFETY: `is_culib_present` only asks libloading to open libcuda under the names cudarc
     // will later load it by (which runs the library's initialisers, as any CUDA use does) and
     // closes it again; it has no precondition. It is the guard cudarc offers against its own

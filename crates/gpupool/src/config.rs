@@ -121,6 +121,12 @@ impl Default for PoolConfig {
     }
 }
 
+/// The most cache shards (size classes x lock shards) one device and memory kind may have.
+/// Each is a cache line or two of bookkeeping made up front: 65,536 is about 16 MiB per kind
+/// and device before anything is pooled, and far more than any useful configuration needs
+/// (the default has 21 classes x at most 64 shards).
+const MAX_CACHE_SHARDS: usize = 1 << 16;
+
 /// Builds a [`PoolConfig`]; every setter has the seed's default.
 #[derive(Clone, Debug)]
 pub struct PoolConfigBuilder {
@@ -316,6 +322,16 @@ impl PoolConfigBuilder {
                 .next_power_of_two()
                 .clamp(4, 64),
         };
+        let cache_shards = classes.len().saturating_mul(shards.next_power_of_two());
+        if cache_shards > MAX_CACHE_SHARDS {
+            return Err(PoolError::InvalidConfig(format!(
+                "{} size classes x {} lock shards make {cache_shards} cache shards per device and \
+                 memory kind, more than {MAX_CACHE_SHARDS}: use fewer steps_per_doubling, a \
+                 smaller max_class_bytes or fewer shards",
+                classes.len(),
+                shards.next_power_of_two()
+            )));
+        }
         if self.large_threshold_bytes == Some(0) {
             return Err(PoolError::InvalidConfig(
                 "large_threshold_bytes of 0 would send every request to the large arena; use a \
@@ -372,5 +388,25 @@ mod tests {
         for builder in bad {
             assert!(matches!(builder.build(), Err(PoolError::InvalidConfig(_))));
         }
+    }
+
+    /// The configuration fuzzer built 13 million cache shards (gigabytes of bookkeeping) from
+    /// max_class_bytes 2^63, 64 steps per doubling and 1,024 shards; now a clear error.
+    #[test]
+    fn a_configuration_of_millions_of_cache_shards_is_refused() {
+        let huge = PoolConfig::builder()
+            .max_class_bytes(1 << 63)
+            .steps_per_doubling(64)
+            .shards(1024)
+            .build();
+        let Err(PoolError::InvalidConfig(message)) = huge else {
+            panic!("built: {huge:?}");
+        };
+        assert!(message.contains("cache shards"), "{message}");
+        let largest_useful = PoolConfig::builder()
+            .steps_per_doubling(4)
+            .shards(64)
+            .build();
+        assert!(largest_useful.is_ok(), "{largest_useful:?}");
     }
 }

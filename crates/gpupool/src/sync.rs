@@ -1,14 +1,17 @@
-//! The synchronisation primitives of the class caches, swappable for loom's.
+//! The synchronisation primitives the loom models explore, swappable for loom's.
 //!
 //! Normal builds use a spin lock for the cache shards (its unlock is one plain store; see
-//! `class_cache`) and std's mutex elsewhere. Under `--cfg loom` both become loom's mutex, so
-//! the loom models in `class_cache` explore every interleaving of the shard locks (a spin lock
-//! would spin forever under loom's scheduler). Only the modules that loom models use this
-//! facade; the rest of the crate uses std directly.
+//! `class_cache`), std's mutex and std's atomics. Under `--cfg loom` they become loom's, so
+//! the loom models explore every interleaving of the shard locks and quota handover
+//! (`class_cache`), the pooling switch the last handle turns off, the budget's reservation
+//! (`pool_manager::budget`) and the deferred-release list (`pool_manager::upstream`); a spin
+//! lock would spin forever under loom's scheduler. Only the modules those models use take
+//! their primitives from here; the rest of the crate uses std directly.
 #![forbid(unsafe_code)]
 
 #[cfg(not(loom))]
 mod imp {
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
     pub(crate) use std::sync::{Mutex, MutexGuard};
 
     /// A cache shard's lock: a spin lock whose waiters yield the CPU.
@@ -19,6 +22,7 @@ mod imp {
 
 #[cfg(loom)]
 mod imp {
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
     pub(crate) use loom::sync::{Mutex, MutexGuard};
 
     /// A cache shard's lock, as a loom mutex with the spin lock's interface.
@@ -41,3 +45,9 @@ mod imp {
 }
 
 pub(crate) use imp::{Mutex, MutexGuard, ShardGuard, ShardLock};
+
+/// Atomics, std's or loom's.
+pub(crate) mod atomic {
+    pub(crate) use super::imp::{AtomicBool, AtomicU64, AtomicUsize};
+    pub(crate) use std::sync::atomic::Ordering;
+}

@@ -161,8 +161,9 @@ impl DevicePool {
 
 /// Reserves the virtual-memory arena's address space: twice the device's memory, so that
 /// placement never runs out of addresses before the device runs out of memory. `None` (with a
-/// log line) where the backend has no virtual memory, the configuration turns it off, or the
-/// reservation fails: the segment arena serves instead.
+/// log line) where the backend has no virtual memory, the configuration turns it off, its
+/// pages are larger than the device, or the reservation fails: the segment arena serves
+/// instead.
 fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmArena<Owner>> {
     let page_setting = config.virtual_memory_pages?;
     let memory = backend.virtual_memory()?;
@@ -175,6 +176,15 @@ fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmAr
         bytes => bytes.checked_next_multiple_of(granularity)?,
     };
     let capacity = backend.memory_info()?.total_bytes;
+    if page_bytes as u64 > capacity {
+        // Not one page could ever be mapped: every large request would fail.
+        tracing::warn!(
+            page_bytes,
+            capacity,
+            "virtual-memory pages larger than the device; segments instead"
+        );
+        return None;
+    }
     let address_bytes = usize::try_from(capacity.checked_mul(2)?)
         .ok()?
         .checked_next_multiple_of(page_bytes)?;

@@ -26,7 +26,7 @@ mod upstream;
 mod virtual_arena;
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -85,7 +85,9 @@ pub(crate) struct Allocation {
 pub struct PoolManager {
     config: PoolConfig,
     devices: Box<[DevicePool]>,
-    pooling: AtomicBool,
+    /// Whether returned blocks are cached (the `sync` facade's type: loom models share it
+    /// with the class caches).
+    pooling: crate::sync::atomic::AtomicBool,
     /// Advanced by each maintenance tick; cached blocks remember the epoch they went idle in.
     epoch: AtomicU64,
     /// This pool, for the records of blocks it allocates (see `BlockRecord::owner`).
@@ -152,7 +154,7 @@ impl PoolManager {
             }
         }
         Ok(Arc::new_cyclic(|this| PoolManager {
-            pooling: AtomicBool::new(config.pooling),
+            pooling: crate::sync::atomic::AtomicBool::new(config.pooling),
             config,
             devices: devices.into_boxed_slice(),
             epoch: AtomicU64::new(0),
@@ -417,6 +419,8 @@ impl Drop for PoolManager {
                 }
                 pool.close_virtual_arena();
             }
+            // Blocks still deferred (a wait above failed) go back now: no one is left to reap.
+            pool.upstream.release_all_at_end();
         }
     }
 }

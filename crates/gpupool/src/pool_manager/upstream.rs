@@ -6,8 +6,10 @@
 //! in the router, because only the router can empty the pools.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
+
+use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{Mutex, MutexGuard};
 
 use super::budget::Budget;
 use super::ReleaseReport;
@@ -157,8 +159,120 @@ impl<O> Upstream<O> {
         }
     }
 
+    /// The pool's end: releases every deferred block, after a wait for the device. A wait
+    /// that fails is logged and the blocks go back all the same: nobody could ever reap them
+    /// after this, so keeping them would leak them for the life of the process, and a device
+    /// that cannot synchronise has failed (a CUDA context with a sticky error runs no more
+    /// work; CUDA's own free synchronises before it frees).
+    pub fn release_all_at_end(&self) {
+        let all = {
+            let mut list = self.deferred_list();
+            self.deferred_count.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *list)
+        };
+        if all.is_empty() {
+            return;
+        }
+        if let Err(error) = self.backend.wait_for_all() {
+            tracing::error!(
+                ?error,
+                blocks = all.len(),
+                "the device could not be synchronised as the pool ends; releasing its deferred \
+                 blocks anyway"
+            );
+        }
+        for record in all {
+            self.release_now(record.into_block());
+        }
+    }
+
     /// The deferred list, locked (snapshots read it).
     pub fn deferred_list(&self) -> MutexGuard<'_, Vec<IdleBlock<O>>> {
         self.deferred.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Loom models of deferred release (`RUSTFLAGS="--cfg loom" cargo test -p gpupool --lib loom`).
+#[cfg(all(test, loom))]
+mod loom_models {
+    use super::*;
+    use crate::backend::sim::SimBackend;
+    use crate::pools::pending::Pending;
+    use crate::pools::record::BlockRecord;
+    use crate::sync::atomic::AtomicBool;
+
+    /// The GPU's progress on the block's stream, as a fence.
+    struct Flag(Arc<AtomicBool>);
+
+    impl Fence for Flag {
+        fn is_complete(&self) -> bool {
+            self.0.load(Ordering::Acquire)
+        }
+    }
+
+    /// A sim backend that fails the model if a block is released before the GPU is done.
+    struct Checked {
+        sim: SimBackend,
+        gpu_done: Arc<AtomicBool>,
+    }
+
+    impl Backend for Checked {
+        fn name(&self) -> &str {
+            "checked sim"
+        }
+        fn kinds(&self) -> &[MemoryKind] {
+            self.sim.kinds()
+        }
+        fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError> {
+            self.sim.allocate(bytes, kind)
+        }
+        fn release(&self, block: Block) {
+            assert!(
+                self.gpu_done.load(Ordering::Acquire),
+                "released while the GPU may still use the block"
+            );
+            self.sim.release(block);
+        }
+    }
+
+    /// A block released while its stream's work runs is deferred behind its fence; a
+    /// maintenance reap and the GPU's finishing run concurrently, then a last reap. In every interleaving the block goes back to
+    /// the backend only after the GPU finished, exactly once, and the budget ends empty.
+    #[test]
+    fn loom_deferred_release_waits_for_its_fence_and_happens_once() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let gpu_done = Arc::new(AtomicBool::new(false));
+            let checked = Arc::new(Checked {
+                sim: SimBackend::default(),
+                gpu_done: gpu_done.clone(),
+            });
+            let upstream = Arc::new(Upstream::<()>::new(checked.clone(), Budget::new(None)));
+            assert!(upstream.budget.try_reserve(256));
+            let block = upstream.allocate(256, MemoryKind::Device).unwrap();
+            let mut pending = Pending::on(StreamId(1));
+            pending.set_stream_fence(StreamFence::recorded(Arc::new(Flag(gpu_done.clone()))));
+            let idle = IdleBlock::new(BlockRecord::boxed(block, None), pending, 0);
+            let releaser = {
+                let upstream = upstream.clone();
+                loom::thread::spawn(move || upstream.release(vec![idle]).blocks)
+            };
+            let maintenance = {
+                let upstream = upstream.clone();
+                loom::thread::spawn(move || upstream.reap(false))
+            };
+            gpu_done.store(true, Ordering::Release);
+            assert_eq!(releaser.join().unwrap(), 1);
+            maintenance.join().unwrap();
+            upstream.reap(false);
+            let sim = checked.sim.counters();
+            assert_eq!((sim.allocations, sim.releases), (1, 1), "{sim:?}");
+            assert_eq!(upstream.deferred_list().len(), 0);
+            assert_eq!(
+                (upstream.budget.held(), upstream.budget.committed()),
+                (0, 0)
+            );
+        });
     }
 }

@@ -2,7 +2,7 @@
 //! backend and back; this pool holds nothing and only counts them, so the totals stay whole.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::AtomicBool;
+use crate::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::pools::record::{BlockRecord, IdleBlock};

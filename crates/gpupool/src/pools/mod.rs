@@ -18,7 +18,7 @@ pub(crate) mod pending;
 pub(crate) mod record;
 pub(crate) mod vm_arena;
 
-use std::sync::atomic::AtomicBool;
+use crate::sync::atomic::AtomicBool;
 
 use crate::kind::StreamId;
 use crate::pools::pending::Pending;

@@ -512,3 +512,73 @@ fn a_reservation_past_the_end_of_the_address_space_is_refused() {
     drop(manager);
     assert_eq!(sim.counters().live_allocations, 0);
 }
+
+/// A lost device: its work never finishes and every wait for it fails.
+struct LostDevice {
+    sim: SimBackend,
+}
+
+/// A fence of work that never finishes.
+struct NeverFence;
+
+impl Fence for NeverFence {
+    fn is_complete(&self) -> bool {
+        false
+    }
+}
+
+impl Backend for LostDevice {
+    fn name(&self) -> &str {
+        "lost"
+    }
+    fn kinds(&self) -> &[MemoryKind] {
+        self.sim.kinds()
+    }
+    fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError> {
+        self.sim.allocate(bytes, kind)
+    }
+    fn release(&self, block: Block) {
+        self.sim.release(block)
+    }
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        Some(self)
+    }
+}
+
+impl StreamOrdered for LostDevice {
+    fn record_fence(&self, _stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
+        Ok(Arc::new(NeverFence))
+    }
+    fn synchronize(&self) -> Result<(), BackendError> {
+        Err(BackendError::Driver("injected: device lost".into()))
+    }
+    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
+        Err(BackendError::Driver("injected: device lost".into()))
+    }
+}
+
+/// Blocks trimmed while their stream's work was unfinished wait in the deferred list; when
+/// the pool ended and its wait for the device failed, they were never released (a leak for
+/// the life of the process). Now the pool's end releases them anyway.
+#[test]
+fn a_failed_synchronize_as_the_pool_ends_leaks_nothing() {
+    let sim = SimBackend::new(SimConfig::default());
+    let config = defaults()
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let manager = MemoryManager::with_config(LostDevice { sim: sim.clone() }, config).unwrap();
+    drop(manager.allocate::<u8>(4096).unwrap());
+    drop(manager.allocate::<u8>(8 * MIB).unwrap());
+    manager.trim(TrimLevel::Aggressive);
+    let stats = manager.stats();
+    assert!(
+        stats.totals.pending_release_blocks > 0,
+        "the trimmed blocks wait for their fences: {:?}",
+        stats.totals
+    );
+    drop(manager);
+    let ledger = sim.counters();
+    assert_eq!(ledger.live_allocations, 0, "leaked: {ledger:?}");
+    assert_eq!(ledger.invalid_releases, 0, "{ledger:?}");
+}

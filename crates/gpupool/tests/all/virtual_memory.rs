@@ -446,3 +446,19 @@ fn carved_class_blocks_wait_for_their_streams_work_before_another_stream_reuses_
     assert_consistent(&manager.stats(), &sim);
     drop(other);
 }
+
+/// Pages larger than the whole device (`virtual_memory_pages` of 128 MiB on a 64 MiB device)
+/// could never be mapped: every large request failed. Now such a device gets no arena, and
+/// large requests are served by segments.
+#[test]
+fn pages_larger_than_the_device_fall_back_to_segments() {
+    let config = defaults().virtual_memory_pages(Some(128 * MIB));
+    let (manager, sim) = sim_manager_on(vm_device(64 << 20, false), config);
+    let large = manager.allocate_bytes(8 * MIB).unwrap();
+    assert!(large.is_large());
+    let stats = manager.stats();
+    assert_eq!(stats.devices[0].large.address_space_bytes, 0, "no arena");
+    assert_eq!(sim.counters().reserved_address_bytes, 0);
+    drop(large);
+    assert_consistent(&manager.stats(), &sim);
+}

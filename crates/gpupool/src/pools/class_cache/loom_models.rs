@@ -78,3 +78,98 @@ fn loom_fence_walk_never_covers_a_block_with_an_older_fence() {
         }
     });
 }
+
+fn sim_block(sim: &SimBackend) -> IdleBlock<()> {
+    IdleBlock::new(
+        BlockRecord::boxed(sim.allocate(256, MemoryKind::Device).unwrap(), None),
+        Pending::on(StreamId(0)),
+        0,
+    )
+}
+
+/// Quotas and blocks of the class, read under the reserve lock and every shard lock (the
+/// lock order of `grow_quota`): (idle blocks, quota in shards plus the reserve).
+fn idle_and_quota(cache: &ClassCache<()>) -> (usize, usize) {
+    let reserve = cache.reserve.lock().unwrap();
+    let shards = cache.lock_all();
+    let idle = shards.iter().map(|shard| shard.idle.len()).sum();
+    let quota = shards.iter().map(|shard| shard.quota).sum::<usize>() + *reserve;
+    (idle, quota)
+}
+
+/// Two threads return two blocks each into their own shards of a class capped at three, so
+/// the second shard to need quota must take it from the other one's unused quota. In every
+/// interleaving, seen by an observer that locks the class: the cap is never exceeded, not even
+/// for a moment, and quota is neither created nor lost; afterwards every block is either
+/// cached or handed back for release, none twice.
+#[test]
+fn loom_quota_handover_never_passes_the_cap() {
+    const CAP: usize = 3;
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(2);
+    builder.check(|| {
+        let sim = SimBackend::default();
+        let cache = Arc::new(ClassCache::<()>::new(256, CAP, 2));
+        let pooling = Arc::new(AtomicBool::new(true));
+        let returners: Vec<_> = (0..2)
+            .map(|shard| {
+                let blocks = [sim_block(&sim), sim_block(&sim)];
+                let (cache, pooling) = (cache.clone(), pooling.clone());
+                loom::thread::spawn(move || {
+                    blocks
+                        .into_iter()
+                        .filter_map(|block| cache.give_back(shard, block, 256, &pooling))
+                        .count()
+                })
+            })
+            .collect();
+        let (idle, quota) = idle_and_quota(&cache);
+        assert!(idle <= CAP, "{idle} idle blocks in a class capped at {CAP}");
+        assert_eq!(quota, CAP, "quota was created or lost");
+        let handed_back: usize = returners.into_iter().map(|t| t.join().unwrap()).sum();
+        let (idle, quota) = idle_and_quota(&cache);
+        assert!(idle <= CAP);
+        assert_eq!(quota, CAP);
+        assert_eq!(idle + handed_back, 4, "a block was lost or duplicated");
+    });
+}
+
+/// The last manager handle's drop (pooling off, then a trim of every shard) races a buffer's
+/// drop returning its block. In every interleaving the block is handed back for release
+/// exactly once, by the trim or by the return itself, and nothing stays cached: a cached
+/// block would keep the pool alive forever (its record holds the pool). Both paths of the
+/// return are modelled: the fast one (the shard has quota) and the quota-growing one.
+#[test]
+fn loom_a_block_returned_during_the_last_handles_drop_is_never_stranded() {
+    for shard_has_quota in [true, false] {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(move || last_handle_model(shard_has_quota));
+    }
+}
+
+fn last_handle_model(shard_has_quota: bool) {
+    {
+        let sim = SimBackend::default();
+        let cache = Arc::new(ClassCache::<()>::new(256, 4, 2));
+        let pooling = Arc::new(AtomicBool::new(true));
+        if shard_has_quota {
+            assert!(cache.give_back(1, sim_block(&sim), 256, &pooling).is_none());
+            assert!(cache.take(1, StreamId(0), 256, true).is_some());
+        }
+        let block = sim_block(&sim);
+        let returner = {
+            let (cache, pooling) = (cache.clone(), pooling.clone());
+            loom::thread::spawn(move || cache.give_back(1, block, 256, &pooling).is_some())
+        };
+        pooling.store(false, Ordering::Relaxed);
+        let trimmed = cache.remove_idle(0, None).len();
+        let handed_back = returner.join().unwrap();
+        assert_eq!(
+            trimmed + usize::from(handed_back),
+            1,
+            "released {trimmed} by the trim and {handed_back} by the return"
+        );
+        assert_eq!(idle_and_quota(&cache).0, 0, "a block stayed cached");
+    }
+}

@@ -21,7 +21,7 @@
 
 mod shard;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use crossbeam_utils::CachePadded;

@@ -20,7 +20,7 @@
 //! counters exactly consistent with the blocks.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::AtomicBool;
+use crate::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::backend::Block;

@@ -30,8 +30,8 @@
 //! reach it are large (above the class range) and rare next to class hits.
 #![forbid(unsafe_code)]
 
+use crate::sync::atomic::AtomicBool;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::backend::{Block, Fence};

@@ -141,3 +141,71 @@ fn a_freed_range_takes_in_retired_fresh_neighbours() {
     );
     drop((c, d, spanning));
 }
+
+/// The waste split as the first version computed it, walking every page of the reservation:
+/// (page granularity, held for other streams).
+fn waste_by_page_walk(state: &VmState<()>) -> (u64, u64) {
+    let (mut granularity, mut held) = (0u64, 0u64);
+    for (index, page) in state.pages.iter().enumerate() {
+        if page.handle.is_none() {
+            continue;
+        }
+        if page.used_bytes > 0 {
+            granularity += (state.page_bytes - page.used_bytes.min(state.page_bytes)) as u64;
+            continue;
+        }
+        let start = state.base + (index * state.page_bytes) as u64;
+        let owner = state
+            .free_at
+            .range(..=start)
+            .next_back()
+            .and_then(|(_, &(_, key, _))| keys::stream_of(key));
+        if owner.is_some_and(|owner| owner != state.last_mapping_stream) {
+            held += state.page_bytes as u64;
+        }
+    }
+    (granularity, held)
+}
+
+/// Snapshots took 0.5 to 1.2 ms on 80 to 141 GiB devices because the waste split walked
+/// every page of the reservation (twice the device) under every lock; it now walks the
+/// mapped handles and other streams' free ranges. Both walks agree after every step of a
+/// random mix of blocks on three streams.
+#[test]
+fn the_waste_split_walks_only_mapped_pages_and_agrees_with_the_full_walk() {
+    let arena = arena(64);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |below: usize| {
+        seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % below as u64) as usize
+    };
+    let mut live: Vec<(Box<BlockRecord<()>>, u64)> = Vec::new();
+    let mut checked_held = 0;
+    for _ in 0..2_000 {
+        if live.len() < 12 && next(3) > 0 {
+            let bytes = (next(5 * PAGE) + 1).next_multiple_of(VM_ROUNDING);
+            let stream = next(3) as u64;
+            live.push((take(&arena, bytes, stream), stream));
+        } else if !live.is_empty() {
+            let (record, stream) = live.swap_remove(next(live.len()));
+            give(&arena, record, stream);
+        }
+        let state = arena.lock();
+        let fast = state.counters_with_waste();
+        let (granularity, held) = waste_by_page_walk(&state);
+        let free = state.counters().free_bytes;
+        assert_eq!(fast.page_granularity_bytes, granularity.min(free));
+        assert_eq!(
+            fast.held_for_streams_bytes,
+            held.min(free - granularity.min(free))
+        );
+        checked_held += usize::from(held > 0);
+    }
+    assert!(
+        checked_held > 0,
+        "no step had space held for another stream"
+    );
+}

@@ -7,30 +7,35 @@ use super::state::VmState;
 use crate::stats::LargeStats;
 
 impl<O> VmState<O> {
-    /// The counters with the split of the free space filled in (a walk over the mapped
-    /// pages: for snapshots, not the allocation path).
+    /// The counters with the split of the free space filled in: a walk over the mapped pages
+    /// and the other streams' free ranges (never over the whole reservation, which is twice
+    /// the device's memory in pages, most never mapped).
     pub fn counters_with_waste(&self) -> LargeStats {
+        let page_bytes = self.page_bytes;
         let mut granularity = 0u64;
-        let mut held = 0u64;
+        for (&first, handle) in &self.handles {
+            for page in &self.pages[first..first + handle.pages] {
+                if page.used_bytes > 0 {
+                    granularity += (page_bytes - page.used_bytes.min(page_bytes)) as u64;
+                }
+            }
+        }
+        // A wholly free mapped page is held for the stream whose free range holds its first
+        // byte, unless that is fresh space or the stream of the last request that mapped
+        // pages (then it is fragmentation).
         let own = self.last_mapping_stream;
-        for (index, page) in self.pages.iter().enumerate() {
-            if page.handle.is_none() {
+        let mut held = 0u64;
+        for (&start, &(bytes, key, _)) in &self.free_at {
+            if keys::stream_of(key).is_none_or(|owner| owner == own) {
                 continue;
             }
-            if page.used_bytes > 0 {
-                granularity += (self.page_bytes - page.used_bytes.min(self.page_bytes)) as u64;
-                continue;
-            }
-            // A wholly free page: another stream's (held) unless fresh or the stream of the
-            // last request that mapped pages (then it is fragmentation).
-            let start = self.base + (index * self.page_bytes) as u64;
-            let owner = self
-                .free_at
-                .range(..=start)
-                .next_back()
-                .and_then(|(_, &(_, key, _))| keys::stream_of(key));
-            if owner.is_some_and(|owner| owner != own) {
-                held += self.page_bytes as u64;
+            let offset = (start - self.base) as usize;
+            let first_page = offset.div_ceil(page_bytes);
+            let end_page = (offset + bytes).div_ceil(page_bytes).min(self.pages.len());
+            for page in self.pages.get(first_page..end_page).unwrap_or_default() {
+                if page.handle.is_some() && page.used_bytes == 0 {
+                    held += page_bytes as u64;
+                }
             }
         }
         // Gated blocks count as used on their pages but as free in `free_bytes`: their space

@@ -24,10 +24,10 @@ build() {
     mkdir -p "$BIN_DIR"
     rm -f "$BIN_DIR"/all-* "$BIN_DIR"/gpupool-* "$BIN_DIR"/cli-*
     local executables
-    executables=$(cargo test --release -p gpupool --features prometheus,json --no-run --message-format=json 2>/dev/null \
+    executables=$(cargo test --release -p gpupool --features cuda-12080,prometheus,json --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//') || true
     if [ -z "$executables" ]; then
-        echo "cargo built no test executable; run 'cargo test --release -p gpupool --features prometheus,json --no-run' to see why" >&2
+        echo "cargo built no test executable; run 'cargo test --release -p gpupool --features cuda-12080,prometheus,json --no-run' to see why" >&2
         exit 1
     fi
     local exe name

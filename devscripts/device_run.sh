@@ -2,8 +2,9 @@
 # One device session: CUDA tests, the virtual-memory mapping costs, the trace replays on CUDA
 # and on the sim device (same build: their peak reserved bytes must agree), and the benchmark
 # on CUDA and on that machine's CPU. Output under $OUT. Binaries come from this machine:
-#   devscripts/cuda_tests.sh build && cargo build --release -p gpupool-cli --example hitpath -p gpupool
-#   cp target/release/gpupool target/release/examples/hitpath devbin/ && cp ../shared/traces/*.csv.gz devbin/traces/
+#   devscripts/cuda_tests.sh build && cargo build --release -p gpupool-cli && cargo bench -p gpupool --bench hit_path --no-run
+#   cp target/release/gpupool devbin/ && cp "$(ls -t target/release/deps/hit_path-* | grep -v '\.d$' | head -1)" devbin/hit_path
+#   cp ../shared/traces/*.csv.gz devbin/traces/
 # and, to compare with an earlier build in the same session, that build's CLI as devbin/baseline/gpupool.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -21,4 +22,4 @@ for trace in devbin/traces/*.csv.gz; do
   fi
 done
 timeout 200 devbin/gpupool bench --backend cuda > "$OUT/bench_cuda.txt" 2>&1; echo "bench cuda exit $?" | tee -a "$OUT/gpu.txt"
-{ devbin/hitpath; devbin/gpupool bench --backend host; } > "$OUT/bench_host.txt" 2>&1
+{ devbin/hit_path --bench; devbin/gpupool bench --backend host; } > "$OUT/bench_host.txt" 2>&1

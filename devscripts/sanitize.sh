@@ -32,7 +32,8 @@ export RUSTDOCFLAGS="-Zsanitizer=thread"
 export CARGO_TARGET_DIR=target/tsan
 # second_deadlock_stack: both stacks of a lock-order report. Exit code 66 on any report.
 export TSAN_OPTIONS="${TSAN_OPTIONS:-second_deadlock_stack=1}"
-TSAN=(cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu -p gpupool)
+# The library's features are opt-in: the CUDA backend is compiled in (its tests skip).
+TSAN=(cargo +nightly test -Zbuild-std --target x86_64-unknown-linux-gnu -p gpupool --features cuda-12080)
 
 "${TSAN[@]}" --lib --test all --no-run
 if [ "$#" -gt 0 ]; then

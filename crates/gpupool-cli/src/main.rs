@@ -38,20 +38,102 @@ const MAX_RUNS: u64 = 1000;
 /// here as well so a bad value is a usage error naming the flag.
 const MAX_STEPS_PER_DOUBLING: u64 = 64;
 
+/// What "the seed" means, said wherever a help text uses the word.
+const SEED_EXPLAINED: &str = "\"The seed\" is the original C# Metal memory-pooling sample that \
+gpupool reimplements. Its workloads are the two benchmark scenarios `gpupool bench` runs: \
+1,000 allocate+free pairs of 4 KiB, then 500 pairs of each of 256 B, 1 KiB, 4 KiB, 16 KiB, \
+64 KiB and 256 KiB. Its rules are its pool settings: power-of-two size classes from 256 B to \
+256 MiB, at most 32 idle blocks per class.";
+
 /// gpupool: a GPU memory pool, its benchmarks and its reports.
+///
+/// Sizes are in IEC units (1 KiB = 1,024 bytes). Colour follows `--color`; with `auto`, the
+/// default, output is coloured only on a terminal and only when `NO_COLOR` is unset or empty.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "gpupool", version, about, long_about, after_help = SEED_EXPLAINED)]
 struct Cli {
+    /// When to colour the output: auto, always or never.
+    ///
+    /// Applies to help, errors, the dashboard and logs. `auto` colours a terminal unless
+    /// `NO_COLOR` is set; `always` and `never` override `NO_COLOR`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "WHEN",
+        default_value_t = ColorWhen::Auto
+    )]
+    color: ColorWhen,
     /// What to run.
     #[command(subcommand)]
     command: Command,
 }
 
+/// When output is coloured (`--color`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum ColorWhen {
+    /// On a terminal, unless `NO_COLOR` is set to a non-empty value.
+    #[default]
+    Auto,
+    /// Always, even through a pipe or with `NO_COLOR`.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl ColorWhen {
+    /// The choice from the raw command line, before clap parses it, so that clap's own help and
+    /// errors follow it too: the last `--color WHEN` or `--color=WHEN` before a `--`. An
+    /// unknown value is left to clap to refuse.
+    fn from_args(args: &[std::ffi::OsString]) -> ColorWhen {
+        let mut choice = ColorWhen::Auto;
+        let mut args = args.iter().skip(1).map(|arg| arg.to_str().unwrap_or(""));
+        while let Some(arg) = args.next() {
+            let value = match arg {
+                "--" => break,
+                "--color" => args.next().unwrap_or(""),
+                _ => match arg.strip_prefix("--color=") {
+                    Some(value) => value,
+                    None => continue,
+                },
+            };
+            if let Ok(parsed) = ColorWhen::from_str(value, false) {
+                choice = parsed;
+            }
+        }
+        choice
+    }
+
+    /// The same choice for clap's help and error output (clap's `auto` also honours
+    /// `NO_COLOR`).
+    fn clap(self) -> clap::ColorChoice {
+        match self {
+            ColorWhen::Auto => clap::ColorChoice::Auto,
+            ColorWhen::Always => clap::ColorChoice::Always,
+            ColorWhen::Never => clap::ColorChoice::Never,
+        }
+    }
+
+    /// The style of a render written to `stream`.
+    fn style(self, stream: &impl std::io::IsTerminal) -> Style {
+        match self {
+            ColorWhen::Auto => Style::detect(stream),
+            ColorWhen::Always => Style::COLOR,
+            ColorWhen::Never => Style::PLAIN,
+        }
+    }
+}
+
 /// The subcommands.
 #[derive(Subcommand)]
 enum Command {
-    /// The seed's workloads and hit-path latency, against peers in the same run; the text
-    /// output ends with the dashboard of the pool after the mixed workload.
+    /// Benchmark the pool on the seed's workloads, plus hit-path latency and multi-thread
+    /// throughput, against peers measured in the same run.
+    ///
+    /// Every timed figure is taken several times (`--samples`) and printed as the median with
+    /// the fastest and slowest sample. The text output ends with the dashboard of the pool
+    /// after the mixed workload.
+    #[command(after_help = SEED_EXPLAINED)]
     Bench {
         /// Backend to measure; `auto` picks CUDA, else Metal, else host.
         #[arg(long, value_enum, default_value_t = BackendName::Auto)]
@@ -59,9 +141,21 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
-        /// Serve Prometheus metrics on this loopback address (e.g. 127.0.0.1:9464; port 0
-        /// picks one). Bench does not hand out its managers yet, so the endpoint serves the
-        /// mixed workload's statistics from the end of the run.
+        /// Samples of each timed figure (1 to 100); rows show the median and the range.
+        ///
+        /// Each sample runs on fresh managers; the text shows `median [fastest–slowest]`, the
+        /// JSON `KEY`, `KEY_min` and `KEY_max`.
+        #[arg(
+            long,
+            default_value_t = bench::DEFAULT_SAMPLES,
+            value_parser = RangedU64ValueParser::<usize>::new().range(1..=bench::MAX_SAMPLES)
+        )]
+        samples: usize,
+        /// Serve Prometheus metrics on this loopback address while the benchmark runs.
+        ///
+        /// For example 127.0.0.1:9464; port 0 picks one, and the address is printed on stderr.
+        /// Each workload run uses a fresh manager, and the endpoint serves the statistics of
+        /// the one in use at the moment of the scrape; it stops when the benchmark ends.
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
         /// Capacity of the `sim` device in bytes (default 80 GiB). Hidden: a nearly full
@@ -70,6 +164,7 @@ enum Command {
         sim_capacity_bytes: Option<u64>,
     },
     /// Replay an allocation trace (op,id,size,stream CSV, gzip or not) through the pool.
+    #[command(after_help = SEED_EXPLAINED)]
     Replay {
         /// The trace file.
         trace: PathBuf,
@@ -114,7 +209,7 @@ enum Command {
         #[arg(long)]
         dashboard: bool,
         /// Timed replays (1 to 1000), each on a fresh manager; the median time per operation
-        /// is reported.
+        /// is reported, with the fastest.
         #[arg(
             long,
             default_value_t = 5,
@@ -122,6 +217,8 @@ enum Command {
         )]
         runs: usize,
         /// Serve Prometheus metrics of the running replay on this loopback address.
+        ///
+        /// Port 0 picks one, and the address is printed on stderr.
         #[arg(long)]
         metrics_addr: Option<SocketAddr>,
         /// Capacity of the `sim` device in bytes (default 80 GiB). Hidden: a nearly full
@@ -140,12 +237,12 @@ enum Format {
     Json,
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `warn`), coloured only on a terminal
-/// without `NO_COLOR`.
-fn init_logging() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`), coloured as `color` says for
+/// stderr.
+fn init_logging(color: ColorWhen) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let ansi = Style::detect(&std::io::stderr()).color;
+    let ansi = color.style(&std::io::stderr()).color;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -180,12 +277,14 @@ fn bench_text(report: &bench::BenchReport, style: Style) -> String {
     text
 }
 
-/// Runs one subcommand; the error is the message for stderr.
-fn run(command: Command) -> Result<(), String> {
+/// Runs one subcommand, colouring stdout's renders with `style`; the error is the message for
+/// stderr.
+fn run(command: Command, style: Style) -> Result<(), String> {
     match command {
         Command::Bench {
             backend,
             format,
+            samples,
             metrics_addr,
             sim_capacity_bytes,
         } => {
@@ -195,10 +294,14 @@ fn run(command: Command) -> Result<(), String> {
             if metrics_addr.is_some() {
                 bench::observe_managers(move |manager| current.set(manager));
             }
-            let report =
-                bench::run(backend, sim_capacity_bytes).map_err(|error| error.to_string())?;
+            let options = bench::BenchOptions {
+                backend,
+                samples,
+                sim_capacity_bytes,
+            };
+            let report = bench::run(options).map_err(|error| error.to_string())?;
             match format {
-                Format::Text => emit(&bench_text(&report, Style::for_stdout())),
+                Format::Text => emit(&bench_text(&report, style)),
                 Format::Json => emit(&format!(
                     "{}\n",
                     serde_json::to_string_pretty(&report).expect("the report serialises")
@@ -242,10 +345,7 @@ fn run(command: Command) -> Result<(), String> {
                     emit(&replay::render_text(&report));
                     if with_dashboard {
                         let stats = &report.pool_report.stats;
-                        emit(&format!(
-                            "\n{}",
-                            dashboard::render(stats, Style::for_stdout())
-                        ));
+                        emit(&format!("\n{}", dashboard::render(stats, style)));
                     }
                 }
                 Format::Json => emit(&format!(
@@ -267,10 +367,18 @@ fn emit(text: &str) {
         .and_then(|()| stdout.flush());
 }
 
+/// Parses `args` with clap's own help and errors coloured as `--color` asks.
+fn parse(args: Vec<std::ffi::OsString>) -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let color = ColorWhen::from_args(&args);
+    let matches = Cli::command().color(color.clap()).get_matches_from(args);
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging();
-    match run(cli.command) {
+    let cli = parse(std::env::args_os().collect());
+    init_logging(cli.color);
+    match run(cli.command, cli.color.style(&std::io::stdout())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("gpupool: {error}");
@@ -291,9 +399,11 @@ mod tests {
         }
         let stats = manager.stats();
         let report = bench::BenchReport {
+            schema_version: bench::SCHEMA_VERSION,
             backend: "sim".into(),
             device: "simulated".into(),
             cpu: "test".into(),
+            samples: 1,
             workloads: Vec::new(),
             latency: Vec::new(),
             throughput: Vec::new(),
@@ -303,6 +413,45 @@ mod tests {
         assert!(text.starts_with(&bench::render_text(&report)));
         assert!(text.ends_with(&dashboard::render(&stats, Style::PLAIN)));
         assert!(text.contains("Pool Size Breakdown"));
+    }
+
+    #[test]
+    fn the_color_choice_is_read_before_clap_parses() {
+        let choice = |args: &[&str]| {
+            let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            ColorWhen::from_args(&args)
+        };
+        assert_eq!(choice(&["gpupool", "bench"]), ColorWhen::Auto);
+        assert_eq!(
+            choice(&["gpupool", "--color", "never", "bench"]),
+            ColorWhen::Never
+        );
+        assert_eq!(
+            choice(&["gpupool", "bench", "--color=always"]),
+            ColorWhen::Always
+        );
+        assert_eq!(
+            choice(&[
+                "gpupool",
+                "--color=never",
+                "replay",
+                "t",
+                "--color",
+                "always"
+            ]),
+            ColorWhen::Always,
+            "the last one wins, as in clap"
+        );
+        assert_eq!(
+            choice(&["gpupool", "replay", "--", "--color=always"]),
+            ColorWhen::Auto
+        );
+        assert_eq!(
+            choice(&["gpupool", "--color", "sometimes"]),
+            ColorWhen::Auto
+        );
+        assert_eq!(ColorWhen::Never.style(&std::io::stdout()), Style::PLAIN);
+        assert_eq!(ColorWhen::Always.style(&std::io::stdout()), Style::COLOR);
     }
 
     #[test]

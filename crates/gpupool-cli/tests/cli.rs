@@ -1,6 +1,7 @@
 //! The `gpupool` command as a user runs it: trace replay (text, JSON, gzip, plot), its errors,
-//! logging and the metrics flag, the bounds of its numeric flags, and bench and replay on a
-//! nearly full sim device. One test binary for the CLI.
+//! logging and the metrics flag, the bounds of its numeric flags, bench and replay on a
+//! nearly full sim device, the version, help texts, colour and the JSON schema versions. One
+//! test binary for the CLI.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -117,6 +118,9 @@ fn replay_reports_the_figures_of_a_trace_as_json() {
     );
     assert_eq!(pool["health"]["status"], "NeedsAttention");
     assert!(pool["generated_at"].as_str().unwrap().ends_with('Z'));
+    // Both documents say which layout they follow.
+    assert_eq!(json["schema_version"], 1);
+    assert_eq!(pool["schema_version"], 1);
 }
 
 #[test]
@@ -134,7 +138,7 @@ fn replay_prints_its_figures_as_text_and_reads_gzip_by_content() {
         "Hit rate              20.00%",
         "Allocation reduction  20.00%",
         "Backend allocations   4 (0 bypassed the classes)",
-        "Peak live (trace)     0.279 GiB (300,000,000 bytes)",
+        "Peak live (trace)     286 MiB (300,000,000 bytes)",
         "Peak reserved / live  1.007",
         "Pool Stats: 5 allocs, 20.0% hit rate, 20.0% reduction",
     ] {
@@ -470,7 +474,7 @@ fn bench_allocation_failure_mid_run_is_an_error_not_a_panic() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(
-            "gpupool: bench stopped: the naive pool's allocation of 1048576 bytes failed: \
+            "gpupool: bench stopped: the naive pool's allocation of 1 MiB failed: \
              device out of memory"
         ),
         "{stderr}"
@@ -513,7 +517,189 @@ fn replay_allocation_failure_names_the_trace_line() {
     ]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("trace line 8: allocation of 300000000 bytes failed"),
+        stderr.contains("trace line 8: allocation of 300,000,000 bytes failed"),
         "{stderr}"
     );
+}
+
+#[test]
+fn the_version_names_the_command() {
+    let output = gpupool(&["--version"], &[]);
+    assert!(output.status.success());
+    assert_eq!(
+        text(&output.stdout),
+        format!("gpupool {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The sentence every help text that speaks of the seed carries.
+const SEED_EXPLANATION: &str =
+    "\"The seed\" is the original C# Metal memory-pooling sample that gpupool reimplements";
+
+#[test]
+fn help_that_speaks_of_the_seed_says_what_it_is() {
+    let mut seen = 0;
+    for args in [
+        &["--help"][..],
+        &["-h"],
+        &["help"],
+        &["bench", "--help"],
+        &["bench", "-h"],
+        &["help", "bench"],
+        &["replay", "--help"],
+        &["replay", "-h"],
+        &["help", "replay"],
+    ] {
+        let output = gpupool(args, &[]);
+        assert!(output.status.success(), "{args:?}");
+        let help = text(&output.stdout);
+        assert!(help.contains("Usage: gpupool"), "{args:?}: {help}");
+        if help.to_lowercase().contains("seed") {
+            seen += 1;
+            assert!(
+                help.contains(SEED_EXPLANATION),
+                "{args:?} speaks of the seed without saying what it is:\n{help}"
+            );
+        }
+    }
+    assert!(seen >= 6, "the seed's workloads are named in the help");
+    // The bench help says what --samples and --metrics-addr do.
+    let bench = text(&gpupool(&["bench", "--help"], &[]).stdout);
+    for expected in [
+        "--samples <SAMPLES>",
+        "[default: 5]",
+        "serves the statistics of the one in use at the moment of the scrape",
+    ] {
+        assert!(bench.contains(expected), "{expected:?} not in\n{bench}");
+    }
+}
+
+/// Whether `bytes` hold an ANSI escape sequence.
+fn has_escapes(bytes: &[u8]) -> bool {
+    bytes.contains(&0x1b)
+}
+
+#[test]
+fn color_never_writes_no_escapes_and_always_overrides_no_color() {
+    let dir = scratch("color");
+    let path = write(&dir, "small.csv", SMALL_TRACE.as_bytes());
+    let trace = path.to_str().unwrap();
+    let debug = [("RUST_LOG", "gpupool=debug")];
+    // Every kind of output: a render (the dashboard), logs, help, a usage error.
+    for when in ["never", "always"] {
+        let replay = gpupool(
+            &[
+                "replay",
+                trace,
+                "--runs",
+                "1",
+                "--dashboard",
+                "--color",
+                when,
+            ],
+            &debug,
+        );
+        assert!(replay.status.success(), "{}", text(&replay.stderr));
+        let help = gpupool(&[&format!("--color={when}"), "bench", "--help"], &[]);
+        let error = gpupool(&["--color", when, "bench", "--no-such-flag"], &[]);
+        assert_eq!(error.status.code(), Some(2));
+        for (what, bytes) in [
+            ("dashboard", &replay.stdout),
+            ("logs", &replay.stderr),
+            ("help", &help.stdout),
+            ("usage error", &error.stderr),
+        ] {
+            // The test environment sets NO_COLOR: `always` wins over it, `never` always holds.
+            assert_eq!(
+                has_escapes(bytes),
+                when == "always",
+                "--color {when}, {what}:\n{}",
+                text(bytes)
+            );
+        }
+    }
+    // Without the flag, output off a terminal is plain (and NO_COLOR is honoured besides).
+    let plain = gpupool(&["replay", trace, "--runs", "1", "--dashboard"], &debug);
+    assert!(!has_escapes(&plain.stdout) && !has_escapes(&plain.stderr));
+    let (code, stderr) = failure(&["--color", "sometimes", "replay", trace]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("--color"), "{stderr}");
+}
+
+#[test]
+fn bench_json_has_a_schema_version_and_a_range_per_timed_figure() {
+    let output = gpupool(
+        &[
+            "bench",
+            "--backend",
+            "sim",
+            "--format",
+            "json",
+            "--samples",
+            "2",
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON output");
+    assert_eq!(json["schema_version"], 1);
+    assert_eq!(json["samples"], 2);
+    assert_eq!(json["backend"], "sim");
+    let ordered = |row: &serde_json::Value, key: &str| {
+        let figure = |suffix: &str| row[format!("{key}{suffix}")].as_f64().unwrap();
+        let (min, median, max) = (figure("_min"), figure(""), figure("_max"));
+        assert!(min <= median && median <= max, "{key}: {row}");
+    };
+    let workloads = json["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), 2);
+    for workload in workloads {
+        for key in ["direct_ms", "pooled_ms", "naive_ms"] {
+            ordered(workload, key);
+        }
+    }
+    assert_eq!(workloads[0]["requests"], 1000);
+    let latency = json["latency"].as_array().unwrap();
+    assert_eq!(latency.len(), 3);
+    for row in latency {
+        for key in [
+            "p50_ns",
+            "p99_ns",
+            "naive_p50_ns",
+            "naive_p99_ns",
+            "direct_p50_ns",
+        ] {
+            ordered(row, key);
+        }
+    }
+    let throughput = json["throughput"].as_array().unwrap();
+    assert_eq!(
+        throughput.len(),
+        6,
+        "gpupool and the naive pool, 3 thread counts"
+    );
+    for row in throughput {
+        ordered(row, "pairs_per_second");
+    }
+}
+
+#[test]
+fn bench_text_uses_iec_units_separators_and_rates() {
+    let output = gpupool(&["bench", "--backend", "sim", "--samples", "1"], &[]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    for expected in [
+        "median [fastest–slowest] of 1 sample,",
+        "Buffer Size: 4 KiB",
+        "Buffer Sizes: 256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB, 256 KiB",
+        "  256 KiB:   500 allocs",
+        "Pool after seed-mixed: 3,000 requests",
+        "reserved 341 KiB (341 KiB cached)",
+        " M/s [",
+        "gpupool Memory Pool Dashboard",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
+    }
+    for raw in ["KB", "bytes:", "349440", "pairs/s"] {
+        assert!(!stdout.contains(raw), "{raw:?} in\n{stdout}");
+    }
 }

@@ -104,9 +104,10 @@ int gpupool_set_budget_bytes(int device, uint64_t bytes);
 // is PyTorch's `set_per_process_memory_fraction`'s.
 int gpupool_set_memory_fraction(double fraction, int device);
 
-// The statistics of `device` as JSON: the pool's `PoolStats`, plus `"device"`, `"created"`
-// and `"ffi"` (live pointers, unknown and double frees, peaks and running totals). Asking
-// does not create the pool. Free the string with `gpupool_string_free`; NULL on failure.
+// The statistics of `device` as JSON: the pool's `PoolStats`, plus `"schema_version"` (the
+// document's layout), `"device"`, `"created"` and `"ffi"` (live pointers, unknown and double
+// frees, peaks and running totals). Asking does not create the pool. Free the string with
+// `gpupool_string_free`; NULL on failure.
 char *gpupool_stats_json(int device);
 
 // The library's text dashboard of `device`'s pool (overall figures, per-class table, health,

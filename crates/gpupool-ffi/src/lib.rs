@@ -224,9 +224,10 @@ pub extern "C" fn gpupool_set_memory_fraction(fraction: f64, device: c_int) -> c
     code(|| registry::set_memory_fraction(registry::device_index(device)?, fraction).map(drop))
 }
 
-/// The statistics of `device` as JSON: the pool's `PoolStats`, plus `"device"`, `"created"`
-/// and `"ffi"` (live pointers, unknown and double frees, peaks and running totals). Asking
-/// does not create the pool. Free the string with `gpupool_string_free`; NULL on failure.
+/// The statistics of `device` as JSON: the pool's `PoolStats`, plus `"schema_version"` (the
+/// document's layout), `"device"`, `"created"` and `"ffi"` (live pointers, unknown and double
+/// frees, peaks and running totals). Asking does not create the pool. Free the string with
+/// `gpupool_string_free`; NULL on failure.
 #[no_mangle]
 pub extern "C" fn gpupool_stats_json(device: c_int) -> *mut c_char {
     value(std::ptr::null_mut(), || {

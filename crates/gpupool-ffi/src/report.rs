@@ -1,9 +1,11 @@
 //! The statistics document of `gpupool_stats_json` and the text of `gpupool_dashboard`.
 //!
-//! The document is the pool's `PoolStats` as serde writes it (so it parses as one), with three
-//! more top-level fields: `"device"` (the index C uses; inside the pool's own figures the
-//! device is always 0, as each pool serves one device), `"created"` (whether the device's pool
-//! exists yet) and `"ffi"` (the boundary's counters, [`CountersSnapshot`]). For a device whose
+//! The document is the pool's `PoolStats` as serde writes it (so it parses as one), with four
+//! more top-level fields: `"schema_version"` (the layout, [`SCHEMA_VERSION`]: raised when a
+//! field changes meaning or goes, not when one is added), `"device"` (the index C uses; inside
+//! the pool's own figures the device is always 0, as each pool serves one device), `"created"`
+//! (whether the device's pool exists yet) and `"ffi"` (the boundary's counters,
+//! [`CountersSnapshot`]). For a device whose
 //! pool does not exist yet, the pool's figures are zeros and nothing is created: asking for
 //! statistics must not open a CUDA context.
 #![forbid(unsafe_code)]
@@ -16,8 +18,12 @@ use crate::counters::CountersSnapshot;
 use crate::errors::FfiError;
 use crate::registry;
 
+/// The layout version of the statistics document.
+const SCHEMA_VERSION: u32 = 1;
+
 #[derive(Serialize)]
 struct StatsDocument {
+    schema_version: u32,
     device: usize,
     created: bool,
     #[serde(flatten)]
@@ -46,6 +52,7 @@ fn pool_stats(device: usize) -> Result<(PoolStats, u64, bool), FfiError> {
 pub fn stats_json(device: usize) -> Result<String, FfiError> {
     let (pool, live_pointers, created) = pool_stats(device)?;
     let document = StatsDocument {
+        schema_version: SCHEMA_VERSION,
         device,
         created,
         pool,

@@ -29,7 +29,7 @@ fn split_mix(state: &mut u64) -> u64 {
 /// Mostly small requests of every class, one in 64 above the large threshold (the arena).
 fn size(state: &mut u64) -> usize {
     let draw = split_mix(state);
-    if draw % 64 == 0 {
+    if draw.is_multiple_of(64) {
         (1 << 20) + (draw as usize >> 8) % (3 << 20)
     } else {
         1 + (draw as usize >> 8) % (256 << 10)

@@ -107,6 +107,7 @@ fn the_statistics_document_has_the_pool_and_the_boundary() {
     let large = alloc(3 << 20, device);
     free(large, 3 << 20, device);
     let document = stats(device);
+    assert_eq!(document["schema_version"], 1);
     assert_eq!(document["device"], device);
     assert_eq!(document["created"], true);
     assert_eq!(document["backend"], "sim");

@@ -107,6 +107,18 @@ pub enum PoolError {
         kind: MemoryKind,
     },
 
+    /// The buffer cannot be lent to a GPU API as that API's device memory: it belongs to
+    /// another backend, or its memory is of a host-visible kind (`PooledBuffer::cuda_view`).
+    #[error("{kind:?} memory of the {backend} backend is not {wanted} device memory")]
+    NotDeviceMemory {
+        /// The name of the buffer's backend.
+        backend: String,
+        /// The buffer's memory kind.
+        kind: MemoryKind,
+        /// The API that wanted device memory (e.g. "CUDA").
+        wanted: &'static str,
+    },
+
     /// A driver call failed for a reason other than memory.
     #[error("{backend} backend error: {message}")]
     Backend {

@@ -1,12 +1,19 @@
 //! `gpupool bench`: the seed's workloads and the hit-path latency, with peers in the same run.
 //!
-//! 1. seed-4k: 1,000 × (allocate 4,096 B, drop), pooling off (direct) vs on.
+//! "The seed" is the C# Metal memory-pooling sample that gpupool reimplements; its two
+//! benchmark scenarios, the seed's workloads, are the first two below.
+//!
+//! 1. seed-4k: 1,000 × (allocate 4 KiB, drop), pooling off (direct) vs on.
 //! 2. seed-mixed: {256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB, 256 KiB} × 500 each, per-size rows.
 //! 3. hit-path latency: allocate+drop pairs of a cached block (256 B, 4 KiB, 1 MiB), p50/p99.
-//! 4. peers: a naive pool (one mutex, one `Vec` per power-of-two class) on the same backend,
+//! 4. throughput: 4 KiB pairs with 1, 4 and 16 threads on one manager.
+//! 5. peers: a naive pool (one mutex, one `Vec` per power-of-two class) on the same backend,
 //!    and on CUDA the driver's own allocators.
 //!
-//! Each timed figure is the median of several runs on fresh managers; counts come from one run.
+//! Every timed figure is taken `--samples` times (default 5), each on fresh managers, and
+//! reported as the median with the fastest and slowest sample beside it ([`Sampled`]): one
+//! sample of a run of milliseconds is at the mercy of the machine's other work (the
+//! throughput rows swung 2× between runs when they had one). Counts come from one run.
 //!
 //! A failed allocation anywhere (gpupool, the naive pool, a driver peer) ends the benchmark
 //! with a [`BenchError`] naming it: on a device that is nearly full, or failing, the command
@@ -28,26 +35,89 @@ use gpupool::{Backend, MemoryManager, PoolConfig, PoolError, PoolStats};
 use serde::Serialize;
 
 use crate::backend_choice::BackendName;
-use crate::format::thousands;
+use crate::format::{bytes, rate, size, thousands, Spread};
 use naive::NaivePool;
-use timing::{batch_percentiles, median_ms, pair_percentiles};
+use timing::{batch_percentiles, pair_percentiles, sampled_ms};
 
-/// Runs of each timed workload; the median is reported.
-pub(super) const RUNS: usize = 7;
+/// Samples of each timed figure unless `--samples` says otherwise.
+pub const DEFAULT_SAMPLES: usize = 5;
+/// The most samples `--samples` accepts: enough for any spread, few enough that a typo cannot
+/// ask for a benchmark of hours.
+pub const MAX_SAMPLES: u64 = 100;
+/// The version of the JSON document's layout; raised when a field changes meaning or goes.
+pub const SCHEMA_VERSION: u32 = 1;
 pub(super) const SEED_ITERATIONS: usize = 1000;
 const MIXED_SIZES: [usize; 6] = [256, 1024, 4096, 16384, 65536, 262144];
 const MIXED_ITERATIONS: usize = 500;
 const LATENCY_SIZES: [usize; 3] = [256, 4096, 1 << 20];
 
+/// What to run.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// The backend to measure.
+    pub backend: BackendName,
+    /// Samples of each timed figure (at least 1).
+    pub samples: usize,
+    /// The capacity of a `sim` device, where not its default (see [`BackendName::create`]).
+    pub sim_capacity_bytes: Option<u64>,
+}
+
+/// A timed figure taken several times: the median, the fastest and the slowest sample. In
+/// JSON it is three fields beside the others: `KEY` (the median, as before there were
+/// samples), `KEY_min` and `KEY_max`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampled {
+    key: &'static str,
+    /// The figures.
+    pub spread: Spread,
+}
+
+impl Sampled {
+    /// `spread` under the JSON key `key`.
+    pub fn new(key: &'static str, spread: Spread) -> Sampled {
+        Sampled { key, spread }
+    }
+
+    /// The spread of `samples` under the JSON key `key`.
+    pub fn of(key: &'static str, samples: &[f64]) -> Sampled {
+        Sampled::new(key, Spread::of(samples))
+    }
+
+    /// The median.
+    pub fn median(&self) -> f64 {
+        self.spread.median
+    }
+
+    /// `median [min–max]`, each figure written by `show`.
+    pub fn show(&self, show: impl Fn(f64) -> String) -> String {
+        self.spread.show(show)
+    }
+}
+
+impl Serialize for Sampled {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry(self.key, &self.spread.median)?;
+        map.serialize_entry(&format!("{}_min", self.key), &self.spread.min)?;
+        map.serialize_entry(&format!("{}_max", self.key), &self.spread.max)?;
+        map.end()
+    }
+}
+
 /// The whole benchmark report (the JSON output).
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// The layout of this document ([`SCHEMA_VERSION`]).
+    pub schema_version: u32,
     /// The backend measured.
     pub backend: String,
     /// The device (GPU name, or host memory and CPU).
     pub device: String,
     /// The host CPU.
     pub cpu: String,
+    /// Samples of each timed figure.
+    pub samples: usize,
     /// seed-4k and seed-mixed.
     pub workloads: Vec<WorkloadReport>,
     /// Hit-path latency per size.
@@ -74,14 +144,17 @@ pub struct WorkloadReport {
     pub hit_rate: f64,
     /// 1 − backend allocations / requests.
     pub allocation_reduction: f64,
-    /// Median time with pooling off.
-    pub direct_ms: f64,
-    /// Median time with pooling on.
-    pub pooled_ms: f64,
-    /// direct_ms / pooled_ms.
+    /// Time with pooling off, milliseconds (`direct_ms`, `_min`, `_max`).
+    #[serde(flatten)]
+    pub direct_ms: Sampled,
+    /// Time with pooling on, milliseconds (`pooled_ms`, `_min`, `_max`).
+    #[serde(flatten)]
+    pub pooled_ms: Sampled,
+    /// Median direct time / median pooled time.
     pub speedup: f64,
-    /// Median time of the naive pool on the same workload.
-    pub naive_ms: f64,
+    /// Time of the naive pool on the same workload, milliseconds (`naive_ms`, `_min`, `_max`).
+    #[serde(flatten)]
+    pub naive_ms: Sampled,
     /// Per-size rows (seed-mixed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sizes: Vec<SizeRow>,
@@ -95,8 +168,9 @@ pub struct WorkloadReport {
 pub struct PeerTime {
     /// The peer's name.
     pub name: String,
-    /// Median time.
-    pub ms: f64,
+    /// Its time, milliseconds (`ms`, `ms_min`, `ms_max`).
+    #[serde(flatten)]
+    pub ms: Sampled,
 }
 
 /// One size of the mixed workload.
@@ -114,22 +188,28 @@ pub struct SizeRow {
     pub efficiency: f64,
 }
 
-/// Hit-path latency of one size.
+/// Hit-path latency of one size: each figure is a percentile of one sample's batches, and
+/// its spread is over the samples.
 #[derive(Debug, Serialize)]
 pub struct LatencyReport {
     /// Requested bytes.
     pub bytes: u64,
-    /// gpupool pair p50.
-    pub p50_ns: f64,
-    /// gpupool pair p99.
-    pub p99_ns: f64,
-    /// Naive pool pair p50.
-    pub naive_p50_ns: f64,
-    /// Naive pool pair p99.
-    pub naive_p99_ns: f64,
-    /// Pooling off (a backend allocation and release per pair), p50.
-    pub direct_p50_ns: f64,
-    /// Driver peers (CUDA): name → p50 ns.
+    /// gpupool pair p50, ns (`p50_ns`, `_min`, `_max`).
+    #[serde(flatten)]
+    pub p50_ns: Sampled,
+    /// gpupool pair p99, ns.
+    #[serde(flatten)]
+    pub p99_ns: Sampled,
+    /// Naive pool pair p50, ns.
+    #[serde(flatten)]
+    pub naive_p50_ns: Sampled,
+    /// Naive pool pair p99, ns.
+    #[serde(flatten)]
+    pub naive_p99_ns: Sampled,
+    /// Pooling off (a backend allocation and release per pair), p50, ns.
+    #[serde(flatten)]
+    pub direct_p50_ns: Sampled,
+    /// Driver peers (CUDA).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerLatency>,
 }
@@ -139,10 +219,12 @@ pub struct LatencyReport {
 pub struct PeerLatency {
     /// The peer's name.
     pub name: String,
-    /// Pair p50.
-    pub p50_ns: f64,
-    /// Pair p99.
-    pub p99_ns: f64,
+    /// Pair p50, ns (`p50_ns`, `_min`, `_max`).
+    #[serde(flatten)]
+    pub p50_ns: Sampled,
+    /// Pair p99, ns.
+    #[serde(flatten)]
+    pub p99_ns: Sampled,
 }
 
 /// Pairs per second with several threads.
@@ -152,8 +234,9 @@ pub struct ThroughputReport {
     pub allocator: String,
     /// Threads (one stream each).
     pub threads: usize,
-    /// Allocate+free pairs per second over all threads.
-    pub pairs_per_second: f64,
+    /// Allocate+free pairs per second over all threads (`pairs_per_second`, `_min`, `_max`).
+    #[serde(flatten)]
+    pub pairs_per_second: Sampled,
 }
 
 /// Why the benchmark stopped.
@@ -176,7 +259,8 @@ impl std::fmt::Display for BenchError {
             BenchError::Pool(error) => write!(f, "bench stopped: {error}"),
             BenchError::NaivePool { bytes, error } => write!(
                 f,
-                "bench stopped: the naive pool's allocation of {bytes} bytes failed: {error}"
+                "bench stopped: the naive pool's allocation of {} failed: {error}",
+                size(*bytes as u64)
             ),
         }
     }
@@ -221,23 +305,24 @@ fn manager(backend: &Arc<dyn Backend>, pooling: bool) -> Result<MemoryManager, P
     MemoryManager::with_devices(vec![backend.clone()], config).map(observed)
 }
 
-/// Times `RUNS` runs of `work` on fresh managers; returns the median and the last stats.
+/// Times `samples` runs of `work`, each on a fresh manager; returns the times in milliseconds
+/// and the last run's statistics.
 fn timed_runs(
     backend: &Arc<dyn Backend>,
     pooling: bool,
+    samples: usize,
     work: impl Fn(&MemoryManager) -> Result<(), PoolError>,
-) -> Result<(f64, PoolStats), PoolError> {
-    let mut times = Vec::with_capacity(RUNS);
+) -> Result<(Spread, PoolStats), PoolError> {
+    let mut times = Vec::with_capacity(samples);
     let mut stats = None;
-    for _ in 0..RUNS {
+    for _ in 0..samples.max(1) {
         let manager = manager(backend, pooling)?;
         let start = Instant::now();
         work(&manager)?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
         stats = Some(manager.stats());
     }
-    times.sort_by(f64::total_cmp);
-    Ok((timing::percentile(&times, 0.5), stats.expect("runs")))
+    Ok((Spread::of(&times), stats.expect("runs")))
 }
 
 fn seed_4k(manager: &MemoryManager) -> Result<(), PoolError> {
@@ -260,8 +345,9 @@ fn naive_ms(
     backend: &Arc<dyn Backend>,
     sizes: &[usize],
     iterations: usize,
-) -> Result<f64, BenchError> {
-    let (ms, ()) = median_ms(RUNS, || {
+    samples: usize,
+) -> Result<Spread, BenchError> {
+    let (ms, ()) = sampled_ms(samples, || {
         let pool = NaivePool::new(backend.clone());
         for &bytes in sizes {
             for _ in 0..iterations {
@@ -280,10 +366,11 @@ fn workload(
     work: fn(&MemoryManager) -> Result<(), PoolError>,
     sizes: &[usize],
     iterations: usize,
+    samples: usize,
 ) -> Result<(WorkloadReport, PoolStats), BenchError> {
-    let (direct_ms, direct) = timed_runs(backend, false, work)?;
-    let (pooled_ms, pooled) = timed_runs(backend, true, work)?;
-    let naive_ms = naive_ms(backend, sizes, iterations)?;
+    let (direct_ms, direct) = timed_runs(backend, false, samples, work)?;
+    let (pooled_ms, pooled) = timed_runs(backend, true, samples, work)?;
+    let naive_ms = naive_ms(backend, sizes, iterations, samples)?;
     let totals = &pooled.totals;
     let rows = if sizes.len() > 1 {
         sizes
@@ -313,38 +400,52 @@ fn workload(
         direct_backend_allocations: direct.totals.backend_allocations,
         hit_rate: totals.hit_rate,
         allocation_reduction: totals.allocation_reduction,
-        direct_ms,
-        pooled_ms,
-        speedup: direct_ms / pooled_ms,
-        naive_ms,
+        direct_ms: Sampled::new("direct_ms", direct_ms),
+        pooled_ms: Sampled::new("pooled_ms", pooled_ms),
+        speedup: direct_ms.median / pooled_ms.median,
+        naive_ms: Sampled::new("naive_ms", naive_ms),
         sizes: rows,
         peers: Vec::new(),
     };
     Ok((report, pooled))
 }
 
-fn latency(backend: &Arc<dyn Backend>, bytes: usize) -> Result<LatencyReport, BenchError> {
-    const BATCHES: usize = 5000;
+fn latency(
+    backend: &Arc<dyn Backend>,
+    bytes: usize,
+    samples: usize,
+) -> Result<LatencyReport, BenchError> {
+    const BATCHES: usize = 2000;
     const PAIRS: usize = 100;
-    let pooled = manager(backend, true)?;
-    drop(pooled.allocate_bytes(bytes)?);
-    let (p50_ns, p99_ns) =
-        batch_percentiles(BATCHES, PAIRS, |pairs| hit_pairs(&pooled, bytes, pairs))?;
-    let naive = NaivePool::new(backend.clone());
-    let (naive_p50_ns, naive_p99_ns) =
-        batch_percentiles(BATCHES, PAIRS, |pairs| naive_pairs(&naive, bytes, pairs))?;
-    let direct = manager(backend, false)?;
-    let (direct_p50_ns, _) = pair_percentiles(200, 10, || {
-        drop(direct.allocate_bytes(std::hint::black_box(bytes))?);
-        Ok::<(), PoolError>(())
-    })?;
+    let mut gpupool = (Vec::new(), Vec::new());
+    let mut naive = (Vec::new(), Vec::new());
+    let mut direct = Vec::new();
+    for _ in 0..samples.max(1) {
+        let pooled = manager(backend, true)?;
+        drop(pooled.allocate_bytes(bytes)?);
+        let (p50, p99) =
+            batch_percentiles(BATCHES, PAIRS, |pairs| hit_pairs(&pooled, bytes, pairs))?;
+        gpupool.0.push(p50);
+        gpupool.1.push(p99);
+        let pool = NaivePool::new(backend.clone());
+        let (p50, p99) =
+            batch_percentiles(BATCHES, PAIRS, |pairs| naive_pairs(&pool, bytes, pairs))?;
+        naive.0.push(p50);
+        naive.1.push(p99);
+        let unpooled = manager(backend, false)?;
+        let (p50, _) = pair_percentiles(200, 10, || {
+            drop(unpooled.allocate_bytes(std::hint::black_box(bytes))?);
+            Ok::<(), PoolError>(())
+        })?;
+        direct.push(p50);
+    }
     Ok(LatencyReport {
         bytes: bytes as u64,
-        p50_ns,
-        p99_ns,
-        naive_p50_ns,
-        naive_p99_ns,
-        direct_p50_ns,
+        p50_ns: Sampled::of("p50_ns", &gpupool.0),
+        p99_ns: Sampled::of("p99_ns", &gpupool.1),
+        naive_p50_ns: Sampled::of("naive_p50_ns", &naive.0),
+        naive_p99_ns: Sampled::of("naive_p99_ns", &naive.1),
+        direct_p50_ns: Sampled::of("direct_p50_ns", &direct),
         peers: Vec::new(),
     })
 }
@@ -392,30 +493,53 @@ pub fn threaded_rate<E: Send>(
     Ok((threads * pairs) as f64 / last.duration_since(first).as_secs_f64())
 }
 
-/// gpupool and the naive pool, 4 KiB pairs, with 1, 4 and 16 threads.
+/// `samples` rates of [`threaded_rate`], as a [`Sampled`] `pairs_per_second`.
+pub fn sampled_rate<E: Send>(
+    samples: usize,
+    threads: usize,
+    pairs: usize,
+    work: impl Fn(usize, usize) -> Result<(), E> + Sync,
+) -> Result<Sampled, E> {
+    let rates = (0..samples.max(1))
+        .map(|_| threaded_rate(threads, pairs, &work))
+        .collect::<Result<Vec<f64>, E>>()?;
+    Ok(Sampled::of("pairs_per_second", &rates))
+}
+
+/// gpupool and the naive pool, 4 KiB pairs, with 1, 4 and 16 threads; each sample on a fresh
+/// manager or pool.
 pub(super) fn throughput(
     backend: &Arc<dyn Backend>,
     streams: &[gpupool::StreamId],
+    samples: usize,
 ) -> Result<Vec<ThroughputReport>, BenchError> {
     let mut rows = Vec::new();
     for threads in THROUGHPUT_THREADS {
-        let pooled = manager(backend, true)?;
-        let rate = threaded_rate(threads, THROUGHPUT_PAIRS, |thread, pairs| {
-            hit_pairs_on(&pooled, 4096, streams[thread % streams.len()], pairs)
-        })?;
+        let mut rates = Vec::with_capacity(samples);
+        for _ in 0..samples.max(1) {
+            let pooled = manager(backend, true)?;
+            rates.push(threaded_rate(
+                threads,
+                THROUGHPUT_PAIRS,
+                |thread, pairs| hit_pairs_on(&pooled, 4096, streams[thread % streams.len()], pairs),
+            )?);
+        }
         rows.push(ThroughputReport {
             allocator: "gpupool".into(),
             threads,
-            pairs_per_second: rate,
+            pairs_per_second: Sampled::of("pairs_per_second", &rates),
         });
-        let naive = NaivePool::new(backend.clone());
-        let rate = threaded_rate(threads, THROUGHPUT_PAIRS, |_, pairs| {
-            naive_pairs(&naive, 4096, pairs)
-        })?;
+        rates.clear();
+        for _ in 0..samples.max(1) {
+            let naive = NaivePool::new(backend.clone());
+            rates.push(threaded_rate(threads, THROUGHPUT_PAIRS, |_, pairs| {
+                naive_pairs(&naive, 4096, pairs)
+            })?);
+        }
         rows.push(ThroughputReport {
             allocator: "naive pool".into(),
             threads,
-            pairs_per_second: rate,
+            pairs_per_second: Sampled::of("pairs_per_second", &rates),
         });
     }
     Ok(rows)
@@ -473,39 +597,46 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-/// Runs every workload on `backend_name`; `sim_capacity_bytes` sizes a `sim` device (see
-/// [`BackendName::create`]).
-pub fn run(
-    backend_name: BackendName,
-    sim_capacity_bytes: Option<u64>,
-) -> Result<BenchReport, BenchError> {
-    let backend = backend_name.create(sim_capacity_bytes)?;
-    let (seed_4k_report, _) = workload(&backend, "seed-4k", seed_4k, &[4096], SEED_ITERATIONS)?;
+/// Runs every workload as `options` says.
+pub fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
+    let samples = options.samples.max(1);
+    let backend = options.backend.create(options.sim_capacity_bytes)?;
+    let (seed_4k_report, _) = workload(
+        &backend,
+        "seed-4k",
+        seed_4k,
+        &[4096],
+        SEED_ITERATIONS,
+        samples,
+    )?;
     let (mixed_report, mixed_stats) = workload(
         &backend,
         "seed-mixed",
         seed_mixed,
         &MIXED_SIZES,
         MIXED_ITERATIONS,
+        samples,
     )?;
     let mut latency_rows = LATENCY_SIZES
         .iter()
-        .map(|&bytes| latency(&backend, bytes))
+        .map(|&bytes| latency(&backend, bytes, samples))
         .collect::<Result<Vec<_>, _>>()?;
     #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
     let mut workloads = vec![seed_4k_report, mixed_report];
     #[cfg(feature = "cuda")]
     let throughput = if backend.name() == "cuda" {
-        cuda_peers::add_peers(&mut latency_rows, &mut workloads)?
+        cuda_peers::add_peers(&mut latency_rows, &mut workloads, samples)?
     } else {
-        throughput(&backend, &[gpupool::StreamId::DEFAULT])?
+        throughput(&backend, &[gpupool::StreamId::DEFAULT], samples)?
     };
     #[cfg(not(feature = "cuda"))]
-    let throughput = throughput(&backend, &[gpupool::StreamId::DEFAULT])?;
+    let throughput = throughput(&backend, &[gpupool::StreamId::DEFAULT], samples)?;
     Ok(BenchReport {
+        schema_version: SCHEMA_VERSION,
         backend: backend.name().to_string(),
         device: backend.device_name(),
         cpu: cpu_name(),
+        samples,
         workloads,
         latency: std::mem::take(&mut latency_rows),
         throughput,
@@ -513,7 +644,17 @@ pub fn run(
     })
 }
 
-/// The seed's tables, as text.
+/// Milliseconds with three decimals.
+fn ms(value: f64) -> String {
+    format!("{value:.3}")
+}
+
+/// Nanoseconds with one decimal.
+fn ns(value: f64) -> String {
+    format!("{value:.1}")
+}
+
+/// The seed's tables, as text. Timed figures are `median [min–max]` over the samples.
 pub fn render_text(report: &BenchReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -522,16 +663,27 @@ pub fn render_text(report: &BenchReport) -> String {
         "gpupool bench: backend {} ({}), CPU {}",
         report.backend, report.device, report.cpu
     );
+    let _ = writeln!(
+        out,
+        "Timed figures: median [fastest–slowest] of {} sample{}, each on fresh managers",
+        report.samples,
+        if report.samples == 1 { "" } else { "s" }
+    );
     for workload in &report.workloads {
         let _ = writeln!(out);
         if workload.sizes.is_empty() {
             let _ = writeln!(out, "Allocation Reduction Test ({})", workload.name);
             let _ = writeln!(out, "Iterations: {}", thousands(workload.requests));
-            let _ = writeln!(out, "Buffer Size: 4,096 bytes");
+            let _ = writeln!(out, "Buffer Size: {}", size(4096));
         } else {
+            let sizes: Vec<String> = MIXED_SIZES.iter().map(|&b| size(b as u64)).collect();
             let _ = writeln!(out, "Mixed Size Workload ({})", workload.name);
-            let _ = writeln!(out, "Iterations: {MIXED_ITERATIONS} per size");
-            let _ = writeln!(out, "Buffer Sizes: 256B, 1KB, 4KB, 16KB, 64KB, 256KB");
+            let _ = writeln!(
+                out,
+                "Iterations: {} per size",
+                thousands(MIXED_ITERATIONS as u64)
+            );
+            let _ = writeln!(out, "Buffer Sizes: {}", sizes.join(", "));
         }
         let _ = writeln!(out);
         let _ = writeln!(
@@ -539,13 +691,13 @@ pub fn render_text(report: &BenchReport) -> String {
             "Direct Allocations: {}",
             thousands(workload.direct_backend_allocations)
         );
-        let _ = writeln!(out, "Direct Time: {:.3} ms", workload.direct_ms);
+        let _ = writeln!(out, "Direct Time: {} ms", workload.direct_ms.show(ms));
         let _ = writeln!(
             out,
             "Pooled Allocations: {}",
             thousands(workload.backend_allocations)
         );
-        let _ = writeln!(out, "Pooled Time: {:.3} ms", workload.pooled_ms);
+        let _ = writeln!(out, "Pooled Time: {} ms", workload.pooled_ms.show(ms));
         let _ = writeln!(out, "Pool Hit Rate: {:.2}%", workload.hit_rate * 100.0);
         let _ = writeln!(
             out,
@@ -555,17 +707,17 @@ pub fn render_text(report: &BenchReport) -> String {
         let _ = writeln!(out, "Performance Speedup: {:.2}x", workload.speedup);
         let _ = writeln!(
             out,
-            "Naive Pool Time: {:.3} ms (gpupool is {:.2}x the naive pool's speed)",
-            workload.naive_ms,
-            workload.naive_ms / workload.pooled_ms
+            "Naive Pool Time: {} ms (gpupool is {:.2}x the naive pool's speed)",
+            workload.naive_ms.show(ms),
+            workload.naive_ms.median() / workload.pooled_ms.median()
         );
         for peer in &workload.peers {
             let _ = writeln!(
                 out,
-                "{} Time: {:.3} ms (gpupool is {:.2}x its speed)",
+                "{} Time: {} ms (gpupool is {:.2}x its speed)",
                 peer.name,
-                peer.ms,
-                peer.ms / workload.pooled_ms
+                peer.ms.show(ms),
+                peer.ms.median() / workload.pooled_ms.median()
             );
         }
         if !workload.sizes.is_empty() {
@@ -574,11 +726,12 @@ pub fn render_text(report: &BenchReport) -> String {
             for row in &workload.sizes {
                 let _ = writeln!(
                     out,
-                    "  {:>9} bytes: {:>5} allocs, {:>5.1}% hit rate, {} backend allocations, {:>5.1}% efficiency",
-                    row.bytes,
-                    row.requests,
+                    "  {:>7}: {:>5} allocs, {:>5.1}% hit rate, {} backend allocation{}, {:>5.1}% efficiency",
+                    size(row.bytes),
+                    thousands(row.requests),
                     row.hit_rate * 100.0,
-                    row.backend_allocations,
+                    thousands(row.backend_allocations),
+                    if row.backend_allocations == 1 { "" } else { "s" },
                     row.efficiency * 100.0
                 );
             }
@@ -591,31 +744,56 @@ pub fn render_text(report: &BenchReport) -> String {
     );
     let _ = writeln!(
         out,
-        "  {:>9}  {:>8} {:>8}  {:>9} {:>9}  {:>10}  {:>12}",
-        "bytes", "p50", "p99", "naive p50", "naive p99", "direct p50", "naive/gpupool"
+        "  {:<7}  {:<24} {:<24} p99",
+        "size", "allocator", "p50"
     );
     for row in &report.latency {
-        let _ = writeln!(
-            out,
-            "  {:>9}  {:>8.1} {:>8.1}  {:>9.1} {:>9.1}  {:>10.1}  {:>12.2}x",
-            row.bytes,
-            row.p50_ns,
-            row.p99_ns,
-            row.naive_p50_ns,
-            row.naive_p99_ns,
-            row.direct_p50_ns,
-            row.naive_p50_ns / row.p50_ns
-        );
-        for peer in &row.peers {
-            let _ = writeln!(
-                out,
-                "  {:>9}  {:<28} p50 {:>9.1}  p99 {:>9.1}  ({:.1}x gpupool's p50)",
-                "",
-                peer.name,
-                peer.p50_ns,
-                peer.p99_ns,
-                peer.p50_ns / row.p50_ns
+        let gpupool_p50 = row.p50_ns.median();
+        let lines = [
+            ("gpupool", &row.p50_ns, Some(&row.p99_ns), String::new()),
+            (
+                "naive pool",
+                &row.naive_p50_ns,
+                Some(&row.naive_p99_ns),
+                format!(
+                    "{:.2}x gpupool's p50",
+                    row.naive_p50_ns.median() / gpupool_p50
+                ),
+            ),
+            (
+                "pooling off (direct)",
+                &row.direct_p50_ns,
+                None,
+                format!(
+                    "{:.1}x gpupool's p50",
+                    row.direct_p50_ns.median() / gpupool_p50
+                ),
+            ),
+        ];
+        let peers = row.peers.iter().map(|peer| {
+            (
+                peer.name.as_str(),
+                &peer.p50_ns,
+                Some(&peer.p99_ns),
+                format!("{:.1}x gpupool's p50", peer.p50_ns.median() / gpupool_p50),
+            )
+        });
+        let lines = lines
+            .iter()
+            .map(|(name, p50, p99, note)| (*name, *p50, *p99, note.clone()))
+            .chain(peers);
+        for (index, (name, p50, p99, note)) in lines.enumerate() {
+            let label = if index == 0 {
+                size(row.bytes)
+            } else {
+                String::new()
+            };
+            let p99 = p99.map_or_else(|| "-".to_string(), |p99| p99.show(ns));
+            let line = format!(
+                "  {label:<7}  {name:<24} {:<24} {p99:<24} {note}",
+                p50.show(ns)
             );
+            let _ = writeln!(out, "{}", line.trim_end());
         }
     }
     if let Some(stats) = &report.final_stats {
@@ -623,27 +801,111 @@ pub fn render_text(report: &BenchReport) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "Pool after seed-mixed: {} requests, {:.1}% hit rate, {:.1}% reduction, reserved {} bytes ({} cached)",
-            totals.requests,
+            "Pool after seed-mixed: {} requests, {:.1}% hit rate, {:.1}% reduction, reserved {} ({} cached)",
+            thousands(totals.requests),
             totals.hit_rate * 100.0,
             totals.allocation_reduction * 100.0,
-            totals.reserved_bytes,
-            totals.cached_bytes
+            bytes(totals.reserved_bytes),
+            bytes(totals.cached_bytes)
         );
     }
     if !report.throughput.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "Throughput (allocate + free pairs per second, one stream per thread)"
+            "Throughput (allocate + free pairs per second over all threads, one stream per thread)"
         );
         for row in &report.throughput {
+            let threads = format!(
+                "{} thread{}",
+                row.threads,
+                if row.threads == 1 { "" } else { "s" }
+            );
             let _ = writeln!(
                 out,
-                "  {:<28} {:>2} threads: {:>14.0} pairs/s",
-                row.allocator, row.threads, row.pairs_per_second
+                "  {:<28} {threads:>10}: {}",
+                row.allocator,
+                row.pairs_per_second.show(rate)
             );
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sampled_figure_keeps_its_key_and_adds_the_range() {
+        let json =
+            serde_json::to_value(Sampled::of("pooled_ms", &[3.0, 1.0, 2.0, 5.0, 4.0])).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"pooled_ms": 3.0, "pooled_ms_min": 1.0, "pooled_ms_max": 5.0})
+        );
+    }
+
+    #[test]
+    fn the_text_report_uses_iec_units_separators_and_rates() {
+        let report = BenchReport {
+            schema_version: SCHEMA_VERSION,
+            backend: "sim".into(),
+            device: "simulated".into(),
+            cpu: "test".into(),
+            samples: 3,
+            workloads: vec![WorkloadReport {
+                name: "seed-mixed".into(),
+                requests: 3000,
+                backend_allocations: 6,
+                direct_backend_allocations: 3000,
+                hit_rate: 0.998,
+                allocation_reduction: 0.998,
+                direct_ms: Sampled::of("direct_ms", &[3.0, 3.5, 4.0]),
+                pooled_ms: Sampled::of("pooled_ms", &[0.1, 0.2, 0.3]),
+                speedup: 17.5,
+                naive_ms: Sampled::of("naive_ms", &[0.2, 0.2, 0.2]),
+                sizes: vec![SizeRow {
+                    bytes: 262_144,
+                    requests: 1500,
+                    backend_allocations: 1,
+                    hit_rate: 0.998,
+                    efficiency: 1.0,
+                }],
+                peers: Vec::new(),
+            }],
+            latency: vec![LatencyReport {
+                bytes: 1 << 20,
+                p50_ns: Sampled::of("p50_ns", &[20.0, 21.0, 22.0]),
+                p99_ns: Sampled::of("p99_ns", &[30.0]),
+                naive_p50_ns: Sampled::of("naive_p50_ns", &[40.0]),
+                naive_p99_ns: Sampled::of("naive_p99_ns", &[50.0]),
+                direct_p50_ns: Sampled::of("direct_p50_ns", &[1300.0]),
+                peers: Vec::new(),
+            }],
+            throughput: vec![ThroughputReport {
+                allocator: "gpupool".into(),
+                threads: 1,
+                pairs_per_second: Sampled::of("pairs_per_second", &[45_021_034.0, 40e6, 46e6]),
+            }],
+            final_stats: None,
+        };
+        let text = render_text(&report);
+        for expected in [
+            "median [fastest–slowest] of 3 samples",
+            "Iterations: 500 per size",
+            "Buffer Sizes: 256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB, 256 KiB",
+            "Pooled Time: 0.200 [0.100–0.300] ms",
+            "  256 KiB: 1,500 allocs,  99.8% hit rate, 1 backend allocation, 100.0% efficiency",
+            "  1 MiB    gpupool                  21.0 [20.0–22.0]",
+            "naive pool               40.0 [40.0–40.0]",
+            "1.90x gpupool's p50",
+            " 1 thread: 45.0 M/s [40.0 M/s–46.0 M/s]",
+        ] {
+            assert!(text.contains(expected), "{expected:?} not in\n{text}");
+        }
+        for raw in ["KB", "bytes:", "349440", "45021034", "pairs/s"] {
+            assert!(!text.contains(raw), "{raw:?} in\n{text}");
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Timing helpers: medians of repeated runs and percentiles of batched pairs.
+//! Timing helpers: the spread of repeated runs and percentiles of batched pairs.
 //!
 //! A single allocate+drop pair takes tens of nanoseconds, close to the cost of reading the
 //! clock, so pairs are timed in batches and each batch yields one per-pair sample; p50 and p99
@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 use std::time::Instant;
+
+use crate::format::Spread;
 
 /// p50 and p99 of per-pair nanoseconds over `batches` batches of `pairs_per_batch` calls; the
 /// first error of `pair` ends the measurement.
@@ -58,17 +60,19 @@ pub fn percentile(sorted: &[f64], quantile: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// Median of `runs` timings in milliseconds of `work`, plus the last run's result; the first
-/// error of `work` ends the measurement.
-pub fn median_ms<R, E>(runs: usize, mut work: impl FnMut() -> Result<R, E>) -> Result<(f64, R), E> {
-    let mut times = Vec::with_capacity(runs);
+/// The spread of `samples` timings in milliseconds of `work`, plus the last run's result; the
+/// first error of `work` ends the measurement.
+pub fn sampled_ms<R, E>(
+    samples: usize,
+    mut work: impl FnMut() -> Result<R, E>,
+) -> Result<(Spread, R), E> {
+    let mut times = Vec::with_capacity(samples);
     let mut last = None;
-    for _ in 0..runs {
+    for _ in 0..samples.max(1) {
         let start = Instant::now();
         let result = work()?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
         last = Some(result);
     }
-    times.sort_by(f64::total_cmp);
-    Ok((percentile(&times, 0.5), last.expect("at least one run")))
+    Ok((Spread::of(&times), last.expect("at least one run")))
 }

@@ -44,7 +44,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::backend_choice::BackendName;
-use crate::format::thousands;
+use crate::format::{bytes, bytes_exact, count, nanos, thousands};
 use plot::Sample;
 use trace::{Op, Trace};
 
@@ -80,9 +80,15 @@ pub struct ReplayOptions {
     pub sim_capacity_bytes: Option<u64>,
 }
 
+/// The version of the JSON document's layout; raised when a field changes meaning or goes.
+pub const SCHEMA_VERSION: u32 = 1;
+
 /// The figures of one replay (the JSON output).
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplayReport {
+    /// The layout of this document ([`SCHEMA_VERSION`]); the nested `pool_report` carries its
+    /// own.
+    pub schema_version: u32,
     /// Events replayed.
     pub events: u64,
     /// Nanoseconds per event over the replay loop (the median run).
@@ -179,7 +185,8 @@ impl std::fmt::Display for ReplayError {
             ReplayError::Pool(error) => write!(f, "{error}"),
             ReplayError::Allocation { line, bytes, error } => write!(
                 f,
-                "trace line {line}: allocation of {bytes} bytes failed: {error}"
+                "trace line {line}: allocation of {} bytes failed: {error}",
+                thousands(*bytes)
             ),
             ReplayError::Plot(message) => f.write_str(message),
         }
@@ -332,7 +339,7 @@ impl Observer for Timeline<'_> {
     }
 
     fn replayed(&mut self, done: usize) {
-        if done % self.every != 0 && done != self.events {
+        if !done.is_multiple_of(self.every) && done != self.events {
             return;
         }
         let totals = self.manager.stats().totals;
@@ -494,10 +501,10 @@ pub fn run(
             bar.finish_and_clear();
             drop(live);
             let title = format!(
-                "{}: memory over the trace ({}, {} step(s) per doubling)",
+                "{}: memory over the trace ({}, {} per doubling)",
                 file_name(&options.trace),
                 backend.name(),
-                options.steps_per_doubling
+                count(options.steps_per_doubling as u64, "size-class step")
             );
             plot::write_svg(path, &title, timeline.every, &timeline.samples)
                 .map_err(ReplayError::Plot)?;
@@ -508,6 +515,7 @@ pub fn run(
 
     let totals = &stats.totals;
     Ok(ReplayReport {
+        schema_version: SCHEMA_VERSION,
         events: events as u64,
         ns_per_op: if events == 0 {
             0.0
@@ -550,38 +558,36 @@ fn file_name(path: &Path) -> String {
     )
 }
 
-fn gib(bytes: u64) -> String {
-    format!("{:.3} GiB", bytes as f64 / (1u64 << 30) as f64)
-}
-
 /// The replay's figures as text.
 pub fn render_text(report: &ReplayReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "gpupool replay: {} on {} ({}), {} step(s) per doubling",
+        "gpupool replay: {} on {} ({}), {} per doubling",
         file_name(Path::new(&report.trace)),
         report.backend,
         report.device,
-        report.steps_per_doubling
+        count(report.steps_per_doubling as u64, "size-class step")
     );
     let rows = [
         (
             "Events",
             format!(
-                "{} ({} allocations, {} frees, {} live at the end)",
+                "{} ({}, {}, {} live at the end)",
                 thousands(report.events),
-                thousands(report.allocations),
-                thousands(report.frees),
+                count(report.allocations, "allocation"),
+                count(report.frees, "free"),
                 thousands(report.live_at_end)
             ),
         ),
         (
             "Time per operation",
             format!(
-                "{:.1} ns (replay loop only; median of {} runs, fastest {:.1} ns)",
-                report.ns_per_op, report.runs, report.ns_per_op_min
+                "{} (replay loop only; median of {}, fastest {})",
+                nanos(report.ns_per_op),
+                count(report.runs as u64, "run"),
+                nanos(report.ns_per_op_min)
             ),
         ),
         ("Hit rate", format!("{:.2}%", report.hit_rate * 100.0)),
@@ -597,22 +603,8 @@ pub fn render_text(report: &ReplayReport) -> String {
                 thousands(report.bypasses)
             ),
         ),
-        (
-            "Peak live (trace)",
-            format!(
-                "{} ({} bytes)",
-                gib(report.peak_live_bytes),
-                thousands(report.peak_live_bytes)
-            ),
-        ),
-        (
-            "Peak reserved",
-            format!(
-                "{} ({} bytes)",
-                gib(report.peak_reserved_bytes),
-                thousands(report.peak_reserved_bytes)
-            ),
-        ),
+        ("Peak live (trace)", bytes_exact(report.peak_live_bytes)),
+        ("Peak reserved", bytes_exact(report.peak_reserved_bytes)),
         ("Peak reserved / live", format!("{:.3}", report.peak_ratio)),
     ];
     for (label, value) in rows {
@@ -623,22 +615,17 @@ pub fn render_text(report: &ReplayReport) -> String {
         out,
         "  {:<22}{} beyond {} requested live:",
         "Waste at the peak",
-        gib(waste.total_bytes()),
-        gib(report.requested_live_at_peak)
+        bytes(waste.total_bytes()),
+        bytes(report.requested_live_at_peak)
     );
-    for (label, bytes) in [
+    for (label, part) in [
         ("rounding inside blocks", waste.rounding_bytes),
         ("idle class blocks", waste.class_cache_bytes),
         ("arena fragmentation", waste.fragmentation_bytes),
         ("page granularity", waste.page_granularity_bytes),
         ("held for streams", waste.held_for_streams_bytes),
     ] {
-        let _ = writeln!(
-            out,
-            "    {label:<24}{} ({} bytes)",
-            gib(bytes),
-            thousands(bytes)
-        );
+        let _ = writeln!(out, "    {label:<24}{}", bytes_exact(part));
     }
     let _ = writeln!(out, "{}", report.summary);
     if let Some(plot) = &report.plot {

@@ -98,6 +98,10 @@ impl Backend for HostBackend {
         "host"
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn device_name(&self) -> String {
         format!("host memory ({})", std::env::consts::ARCH)
     }

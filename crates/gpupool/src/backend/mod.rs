@@ -20,6 +20,7 @@ pub mod cuda;
 #[cfg(all(feature = "metal", target_vendor = "apple"))]
 pub mod metal;
 
+use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -185,6 +186,14 @@ pub trait Backend: Send + Sync + 'static {
     fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
         None
     }
+
+    /// The backend as [`Any`], so that code knowing its concrete type can reach it behind a
+    /// `dyn Backend`: [`crate::MemoryManager::backend`], and a buffer's own backend for the
+    /// interop accessors (`PooledBuffer::cuda_view`, `PooledBuffer::metal_buffer`). The
+    /// default, `None`, keeps the type hidden; the crate's backends return `Some(self)`.
+    fn as_any(&self) -> Option<&dyn Any> {
+        None
+    }
 }
 
 /// The capability of reserving device address space and mapping physical memory into it, of
@@ -250,6 +259,12 @@ pub trait Purgeable {
 
 /// The capabilities as the pool uses them, with what a backend without one means.
 impl dyn Backend {
+    /// The backend as its concrete type `B`, where it is one and shows itself
+    /// ([`Backend::as_any`]).
+    pub(crate) fn downcast_ref<B: Backend>(&self) -> Option<&B> {
+        self.as_any()?.downcast_ref::<B>()
+    }
+
     /// A fence after the work queued on `stream` so far; complete at once where no work is
     /// asynchronous.
     pub(crate) fn fence_after(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {

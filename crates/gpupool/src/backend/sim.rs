@@ -215,7 +215,7 @@ impl SimBackend {
         match self.config.faults {
             FaultPlan::None => false,
             FaultPlan::Nth(n) => attempt == n,
-            FaultPlan::EveryNth(n) => n > 0 && attempt % n == 0,
+            FaultPlan::EveryNth(n) => n > 0 && attempt.is_multiple_of(n),
             FaultPlan::Probability { probability, .. } => {
                 let draw = split_mix_64(&mut ledger.random_state) >> 11;
                 (draw as f64 / (1u64 << 53) as f64) < probability
@@ -260,8 +260,18 @@ impl Backend for SimBackend {
         "sim"
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn device_name(&self) -> String {
-        format!("simulated device ({} bytes)", self.config.capacity_bytes)
+        // The capacity in the largest IEC unit that divides it (80 GiB, 1536 KiB), else bytes.
+        let capacity = self.config.capacity_bytes;
+        let (value, unit) = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
+            .into_iter()
+            .find(|&(shift, _)| capacity >= 1 << shift && capacity.is_multiple_of(1 << shift))
+            .map_or((capacity, "B"), |(shift, unit)| (capacity >> shift, unit));
+        format!("simulated device ({value} {unit})")
     }
 
     fn kinds(&self) -> &[MemoryKind] {
@@ -338,7 +348,7 @@ impl VirtualMemory for SimBackend {
     }
 
     fn reserve(&self, bytes: usize) -> Result<Block, BackendError> {
-        if bytes % SIM_PAGE_BYTES != 0 {
+        if !bytes.is_multiple_of(SIM_PAGE_BYTES) {
             return Err(BackendError::Driver(format!(
                 "reservation of {bytes} bytes is not a multiple of the granularity"
             )));

@@ -24,6 +24,12 @@ use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::{
+    cudarc::driver::CudaStream, CudaBackend, CudaBufferView, CudaBufferViewMut,
+};
+#[cfg(all(feature = "metal", target_vendor = "apple"))]
+use crate::backend::metal::{MetalBackend, MetalBuffer};
 use crate::backend::{DeviceAddress, Fence};
 use crate::error::PoolError;
 use crate::kind::{MemoryKind, StreamId};
@@ -168,6 +174,129 @@ impl<T> PooledBuffer<T> {
         if !gates.extra_streams.contains(&stream) {
             gates.extra_streams.push(stream);
         }
+    }
+}
+
+/// Interop with cudarc: the buffer as device memory for cudarc's API (see the `cuda` backend's
+/// module documentation, "cudarc interop", for the ordering and soundness rules).
+#[cfg(feature = "cuda")]
+impl<T> PooledBuffer<T> {
+    /// The buffer as device memory for cudarc (`DevicePtr`, `PushKernelArg`), lent to the
+    /// buffer's own stream as a cudarc stream: `stream.memcpy_dtoh(&buffer.cuda_view()?, &mut
+    /// host)`, `launch_builder(&f).arg(&view)` on that stream.
+    ///
+    /// Errors: [`PoolError::NotDeviceMemory`] for a buffer of another backend or of a
+    /// host-visible kind; [`PoolError::Backend`] when the buffer's stream is a raw handle lent
+    /// through `register_stream` (adopt the cudarc stream instead, or use
+    /// [`PooledBuffer::cuda_view_on`]).
+    ///
+    /// ```no_run
+    /// use gpupool::backend::cuda::CudaBackend;
+    /// use gpupool::{AllocOptions, MemoryManager};
+    ///
+    /// let backend = CudaBackend::new(0)?;
+    /// let stream = backend.context().new_stream().expect("a cudarc stream");
+    /// let options = AllocOptions { stream: backend.adopt_stream(&stream)?, ..AllocOptions::default() };
+    /// let manager = MemoryManager::new(backend);
+    ///
+    /// let host: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    /// let mut buffer = manager.allocate_with::<f32>(host.len(), options)?;
+    /// stream.memcpy_htod(&host, &mut buffer.cuda_view_mut()?).expect("copy in");
+    /// let mut back = vec![0.0f32; host.len()];
+    /// stream.memcpy_dtoh(&buffer.cuda_view()?, &mut back).expect("copy out");
+    /// stream.synchronize().expect("the copies ran");
+    /// assert_eq!(back, host);
+    /// # Ok::<(), gpupool::PoolError>(())
+    /// ```
+    /// The example `crates/gpupool/examples/cudarc_kernel.rs` also launches a kernel on pooled
+    /// buffers.
+    pub fn cuda_view(&self) -> Result<CudaBufferView<'_, T>, PoolError> {
+        self.cuda_backend()?
+            .lend_view(&self.record.block, self.len, self.stream, None)
+    }
+
+    /// [`PooledBuffer::cuda_view`], lent to another cudarc `stream` of the buffer's context:
+    /// the stream waits (on the device) for the work queued on the buffer's stream first, and
+    /// when the view is dropped the buffer's stream waits for the stream's work, so the pool
+    /// reuses the block only after it. A stream of another context is refused
+    /// ([`PoolError::Backend`]).
+    pub fn cuda_view_on(
+        &self,
+        stream: &Arc<CudaStream>,
+    ) -> Result<CudaBufferView<'_, T>, PoolError> {
+        self.cuda_backend()?
+            .lend_view(&self.record.block, self.len, self.stream, Some(stream))
+    }
+
+    /// The buffer as writable device memory for cudarc (`DevicePtrMut`): `stream.memcpy_htod(&host,
+    /// &mut buffer.cuda_view_mut()?)`. Errors as [`PooledBuffer::cuda_view`].
+    pub fn cuda_view_mut(&mut self) -> Result<CudaBufferViewMut<'_, T>, PoolError> {
+        self.cuda_view_mut_with(None)
+    }
+
+    /// [`PooledBuffer::cuda_view_mut`] lent to another cudarc `stream`, ordered as
+    /// [`PooledBuffer::cuda_view_on`] describes.
+    pub fn cuda_view_mut_on(
+        &mut self,
+        stream: &Arc<CudaStream>,
+    ) -> Result<CudaBufferViewMut<'_, T>, PoolError> {
+        self.cuda_view_mut_with(Some(stream))
+    }
+
+    fn cuda_view_mut_with(
+        &mut self,
+        stream: Option<&Arc<CudaStream>>,
+    ) -> Result<CudaBufferViewMut<'_, T>, PoolError> {
+        let (len, pool_stream, device, kind) = (self.len, self.stream, self.device, self.kind());
+        // The record's fields are borrowed apart: the pool (for its backend) shared, the block
+        // exclusively.
+        let Record { block, owner, .. } = &mut **self.record;
+        let pool = owner
+            .as_deref()
+            .expect("a live buffer's record always holds its pool");
+        cuda_backend_of(pool, device as usize, kind)?.lend_view_mut(block, len, pool_stream, stream)
+    }
+
+    /// The CUDA backend of the buffer's device, or the error for a buffer of another backend.
+    fn cuda_backend(&self) -> Result<&CudaBackend, PoolError> {
+        cuda_backend_of(self.pool(), self.device as usize, self.kind())
+    }
+}
+
+/// The CUDA backend of `device`, or [`PoolError::NotDeviceMemory`] for another backend.
+#[cfg(feature = "cuda")]
+fn cuda_backend_of(
+    pool: &PoolManager,
+    device: usize,
+    kind: MemoryKind,
+) -> Result<&CudaBackend, PoolError> {
+    let backend = pool.backend(device);
+    backend
+        .downcast_ref::<CudaBackend>()
+        .ok_or_else(|| PoolError::NotDeviceMemory {
+            backend: backend.name().to_string(),
+            kind,
+            wanted: "CUDA",
+        })
+}
+
+/// Interop with Metal: the `MTLBuffer` a buffer's block lives in.
+#[cfg(all(feature = "metal", target_vendor = "apple"))]
+impl<T> PooledBuffer<T> {
+    /// The `MTLBuffer` holding this buffer's block, and the block's byte offset inside it, for
+    /// `setBuffer:offset:atIndex:` or a residency set: `let metal = buffer.metal_buffer()?;
+    /// encoder.setBuffer_offset_atIndex(Some(metal.buffer()), metal.offset(), 0)`. `None` for a
+    /// buffer of another backend.
+    ///
+    /// The handle keeps the Metal object alive, not the block: once this buffer is dropped the
+    /// memory may go to a new owner, so encode it only while the buffer lives, and tie the
+    /// command buffer to the buffer with [`PooledBuffer::used_by`] (a `CommandBufferFence`)
+    /// before dropping it (see the `metal` backend's module documentation).
+    pub fn metal_buffer(&self) -> Option<MetalBuffer> {
+        self.pool()
+            .backend(self.device as usize)
+            .downcast_ref::<MetalBackend>()?
+            .metal_buffer_at(self.device_address())
     }
 }
 

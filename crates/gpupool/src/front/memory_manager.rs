@@ -242,6 +242,26 @@ impl MemoryManager {
         self.pool().device_count()
     }
 
+    /// Device `device`'s backend as its concrete type `B`, or `None` when it is another type
+    /// (or `device` is not served). The way back to a backend moved into the manager, e.g. to
+    /// adopt a cudarc stream after the manager was made:
+    /// `manager.backend::<CudaBackend>(0).unwrap().adopt_stream(&stream)`.
+    ///
+    /// ```
+    /// use gpupool::backend::{host::HostBackend, sim::SimBackend};
+    /// use gpupool::MemoryManager;
+    /// let manager = MemoryManager::new(HostBackend::new());
+    /// assert!(manager.backend::<HostBackend>(0).is_some());
+    /// assert!(manager.backend::<SimBackend>(0).is_none());
+    /// assert!(manager.backend::<HostBackend>(1).is_none());
+    /// ```
+    pub fn backend<B: Backend>(&self, device: usize) -> Option<&B> {
+        if device >= self.device_count() {
+            return None;
+        }
+        self.pool().backend(device).downcast_ref::<B>()
+    }
+
     /// The name of device `device`'s backend.
     pub fn backend_name(&self) -> String {
         self.pool().backend(0).name().to_string()

@@ -576,7 +576,7 @@ fn stats_identities_hold_over_a_mixed_workload() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let bytes = 1 + (state >> 33) as usize % (2 * MIB);
-        if state % 3 == 0 && !held.is_empty() {
+        if state.is_multiple_of(3) && !held.is_empty() {
             held.swap_remove((state >> 7) as usize % held.len());
         } else {
             held.push(manager.allocate_bytes(bytes).unwrap());

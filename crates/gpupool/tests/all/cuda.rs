@@ -17,7 +17,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use gpupool::backend::cuda::cudarc::driver::{result, sys, CudaContext, DriverError};
+use gpupool::backend::cuda::cudarc::driver::{
+    result, sys, CudaContext, CudaStream, DevicePtr, DeviceSlice, DriverError,
+};
 use gpupool::backend::cuda::CudaBackend;
 use gpupool::backend::{BackendError, StreamOrdered};
 use gpupool::{
@@ -1338,5 +1340,341 @@ fn the_virtual_memory_arena_unmaps_free_handles_when_the_device_is_full() -> Tes
     drop((bigger, kept));
     drop(manager);
     drop(turn);
+    Ok(())
+}
+
+// ---- Issue 14: cudarc interop --------------------------------------------------------------
+
+/// A cudarc stream's id for the raw helpers of this file (which take pool stream ids).
+fn id_of(stream: &CudaStream) -> StreamId {
+    StreamId(stream.cu_stream() as usize as u64)
+}
+
+/// Issue 14: a pooled buffer goes where cudarc wants device memory, on an adopted cudarc
+/// stream: copies in and out, device-to-device between pooled buffers and a cudarc slice,
+/// cudarc's memset, and the block is a hit for the next request.
+#[test]
+fn cudarc_copies_data_in_and_out_of_pooled_buffers_on_an_adopted_stream() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let stream = ctx.new_stream()?;
+    let id = backend.adopt_stream(&stream)?;
+    assert_eq!(id, id_of(&stream));
+    assert_eq!(
+        backend.adopt_stream(&stream)?,
+        id,
+        "adopting again gives the same id"
+    );
+    let held = backend
+        .cudarc_stream(id)
+        .expect("an adopted stream is held");
+    assert!(
+        Arc::ptr_eq(&held, &stream),
+        "the backend hands back the adopted Arc"
+    );
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    const WORDS: usize = 100_003;
+    let pattern: Vec<u32> = (0..WORDS as u32)
+        .map(|i| i.wrapping_mul(2_654_435_761))
+        .collect();
+
+    let mut a = manager.allocate_with::<u32>(WORDS, on(id))?;
+    let mut b = manager.allocate_with::<u32>(WORDS, on(id))?;
+    let address = a.device_address();
+    {
+        let view = a.cuda_view_mut()?;
+        assert_eq!(DeviceSlice::len(&view), WORDS);
+        assert!(Arc::ptr_eq(DeviceSlice::stream(&view), &stream));
+        assert_eq!(view.device_address(), address);
+        let (pointer, _guard) = view.device_ptr(&stream);
+        assert_eq!(pointer, address, "cudarc gets the block's address");
+    }
+    stream.memcpy_htod(&pattern, &mut a.cuda_view_mut()?)?;
+    let mut back = vec![0u32; WORDS];
+    stream.memcpy_dtoh(&a.cuda_view()?, &mut back)?;
+    stream.synchronize()?;
+    assert_eq!(
+        back, pattern,
+        "memcpy_htod then memcpy_dtoh through pooled views"
+    );
+    // The raw path agrees: the view's address is the buffer's.
+    assert_eq!(download(&ctx, a.device_address(), WORDS, id)?, pattern);
+
+    stream.memcpy_dtod(&a.cuda_view()?, &mut b.cuda_view_mut()?)?;
+    assert_eq!(
+        stream.clone_dtoh(&b.cuda_view()?)?,
+        pattern,
+        "pooled to pooled"
+    );
+    let mut slice = stream.alloc_zeros::<u32>(WORDS)?;
+    stream.memcpy_dtod(&b.cuda_view()?, &mut slice)?;
+    assert_eq!(
+        stream.clone_dtoh(&slice)?,
+        pattern,
+        "pooled to a cudarc slice"
+    );
+    stream.memset_zeros(&mut b.cuda_view_mut()?)?;
+    stream.memcpy_dtod(&slice, &mut a.cuda_view_mut()?)?;
+    assert!(stream
+        .clone_dtoh(&b.cuda_view()?)?
+        .iter()
+        .all(|&word| word == 0));
+    assert_eq!(
+        stream.clone_dtoh(&a.cuda_view()?)?,
+        pattern,
+        "a cudarc slice to pooled"
+    );
+    ctx.check_err()?;
+
+    let (a_address, b_address) = (a.device_address(), b.device_address());
+    drop((a, b));
+    let again = manager.allocate_with::<u32>(WORDS, on(id))?;
+    assert!([a_address, b_address].contains(&again.device_address()));
+    assert_eq!(manager.stats().totals.hits, 1);
+    drop((again, slice, manager));
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 14: a view lent to another stream than the buffer's orders the two on the device: the
+/// other stream starts after the buffer's queued work, and the buffer's stream (so the pool's
+/// reuse) goes on only after the other stream's work. Each direction is held open by a gate.
+#[test]
+fn a_view_on_another_stream_orders_both_streams_on_the_device() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let pool_stream = backend.create_stream()?;
+    let pool_cudarc = backend
+        .cudarc_stream(pool_stream)
+        .expect("a created stream");
+    assert_eq!(id_of(&pool_cudarc), pool_stream);
+    let other = ctx.new_stream()?;
+    let other_id = id_of(&other);
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    const WORDS: usize = 1 << 18;
+    let gate = Gate::new(&ctx)?;
+
+    // 1. The other stream waits for the buffer's stream: fill on the (gated) pool stream, then
+    //    copy out on the other stream into a cudarc slice.
+    let mut buffer = manager.allocate_with::<u32>(WORDS, on(pool_stream))?;
+    gate.close(pool_stream)?;
+    fill(
+        &ctx,
+        buffer.device_address(),
+        0x1234_5678,
+        WORDS,
+        pool_stream,
+    )?;
+    let mut probe = other.alloc_zeros::<u32>(WORDS)?;
+    other.synchronize()?;
+    other.memcpy_dtod(&buffer.cuda_view_on(&other)?, &mut probe)?;
+    assert!(
+        busy(&ctx, other_id)?,
+        "the other stream waits for the buffer's gated stream"
+    );
+    gate.open();
+    other.synchronize()?;
+    assert!(
+        other
+            .clone_dtoh(&probe)?
+            .iter()
+            .all(|&word| word == 0x1234_5678),
+        "the copy ran after the fill"
+    );
+    synchronize(&ctx, pool_stream)?;
+
+    // 2. The buffer's stream waits for the other stream: the other stream is gated and zeroes
+    //    the buffer through a mutable view; the view is dropped, and the buffer's stream then
+    //    fills the first half. Only if it waited for the zeroing does the fill survive it.
+    let gate = Gate::new(&ctx)?;
+    gate.close(other_id)?;
+    other.memset_zeros(&mut buffer.cuda_view_mut_on(&other)?)?;
+    fill(
+        &ctx,
+        buffer.device_address(),
+        0x0BAD_F00D,
+        WORDS / 2,
+        pool_stream,
+    )?;
+    assert!(
+        busy(&ctx, pool_stream)?,
+        "the buffer's stream waits for the gated other stream"
+    );
+    gate.open();
+    synchronize(&ctx, pool_stream)?;
+    let words = download(&ctx, buffer.device_address(), WORDS, pool_stream)?;
+    assert!(
+        words[..WORDS / 2].iter().all(|&word| word == 0x0BAD_F00D),
+        "the buffer's stream's fill ran after the other stream's zeroing"
+    );
+    assert!(
+        words[WORDS / 2..].iter().all(|&word| word == 0),
+        "the other stream's zeroing reached the buffer"
+    );
+    ctx.check_err()?;
+    drop((buffer, probe, manager));
+    drop(gate);
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 14: a cudarc call on a third stream (neither the buffer's nor the view's) is ordered
+/// after the view's stream, and the view's stream, so the buffer's, after it.
+#[test]
+fn a_cudarc_call_on_a_third_stream_is_ordered_with_the_view() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let pool_stream = backend.create_stream()?;
+    let third = ctx.new_stream()?;
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+    const WORDS: usize = 1 << 18;
+    let source: Vec<u32> = (0..WORDS as u32).collect();
+    let slice = third.clone_htod(&source)?;
+    third.synchronize()?;
+    let mut buffer = manager.allocate_with::<u32>(WORDS, on(pool_stream))?;
+    let gate = Gate::new(&ctx)?;
+    gate.close(id_of(&third))?;
+    {
+        let mut view = buffer.cuda_view_mut()?;
+        third.memcpy_dtod(&slice, &mut view)?;
+        // The view ends here: the buffer's stream waits for the copy on the gated third stream.
+    }
+    // Only if the buffer's stream waited for the copy does this fill survive it.
+    fill(
+        &ctx,
+        buffer.device_address(),
+        0x0BAD_F00D,
+        WORDS / 2,
+        pool_stream,
+    )?;
+    assert!(
+        busy(&ctx, pool_stream)?,
+        "the buffer's stream waits for the third stream's copy"
+    );
+    gate.open();
+    synchronize(&ctx, pool_stream)?;
+    let words = download(&ctx, buffer.device_address(), WORDS, pool_stream)?;
+    assert!(
+        words[..WORDS / 2].iter().all(|&word| word == 0x0BAD_F00D),
+        "the buffer's stream's fill ran after the third stream's copy"
+    );
+    assert_eq!(
+        words[WORDS / 2..],
+        source[WORDS / 2..],
+        "the third stream's copy reached the buffer"
+    );
+    ctx.check_err()?;
+    drop((buffer, slice, manager));
+    drop(gate);
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 14: what is refused, on the device: host-visible buffers, raw registered streams for
+/// `cuda_view` (but not for `cuda_view_on`), the per-thread stream, and streams of another
+/// context (adopting, lending, and using a view on one, which panics).
+#[test]
+fn cudarc_interop_refuses_host_memory_raw_streams_and_other_contexts() -> TestResult {
+    let Some(Gpu { backend, ctx, turn }) = cuda_or_skip() else {
+        return Ok(());
+    };
+    let lent = ctx.new_stream()?;
+    // SAFETY: a live stream of device 0's primary context that outlives the backend.
+    let lent_id = unsafe { backend.register_stream(lent.cu_stream()) };
+    assert!(
+        backend.cudarc_stream(lent_id).is_none(),
+        "no Arc for a raw handle"
+    );
+    assert_eq!(
+        backend.adopt_stream(&ctx.default_stream())?,
+        StreamId::DEFAULT
+    );
+    assert!(matches!(
+        backend.adopt_stream(&ctx.per_thread_stream()),
+        Err(PoolError::Backend { .. })
+    ));
+    let other_ctx = CudaContext::new_non_primary(0, 0)?;
+    let foreign = other_ctx.new_stream()?;
+    match backend.adopt_stream(&foreign) {
+        Err(PoolError::Backend { message, .. }) => {
+            assert!(message.contains("context"), "{message}")
+        }
+        other => panic!("a stream of another context was adopted: {other:?}"),
+    }
+    let manager = MemoryManager::with_config(backend, config().build()?)?;
+
+    let mut pinned =
+        manager.allocate_with::<u32>(1024, on_kind(StreamId::DEFAULT, MemoryKind::HostVisible))?;
+    assert_eq!(
+        pinned.cuda_view().err(),
+        Some(PoolError::NotDeviceMemory {
+            backend: "cuda".to_string(),
+            kind: MemoryKind::HostVisible,
+            wanted: "CUDA",
+        })
+    );
+    assert!(pinned.cuda_view_mut().is_err());
+
+    let raw = manager.allocate_with::<u32>(1024, on(lent_id))?;
+    assert!(matches!(raw.cuda_view(), Err(PoolError::Backend { .. })));
+    let host = vec![7u32; 1024];
+    let mut raw = raw;
+    lent.memcpy_htod(&host, &mut raw.cuda_view_mut_on(&lent)?)?;
+    assert_eq!(lent.clone_dtoh(&raw.cuda_view_on(&lent)?)?, host);
+
+    match raw.cuda_view_on(&foreign) {
+        Err(PoolError::Backend { message, .. }) => {
+            assert!(message.contains("context"), "{message}")
+        }
+        other => panic!("a view on another context's stream was made: {other:?}"),
+    }
+    let mut view = raw.cuda_view_mut_on(&lent)?;
+    let used_elsewhere = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        foreign.memcpy_htod(&host, &mut view)
+    }));
+    assert!(
+        used_elsewhere.is_err(),
+        "a view used on another context's stream panics"
+    );
+    drop(view);
+    lent.synchronize()?;
+    drop((pinned, raw, manager));
+    drop(foreign);
+    drop(other_ctx);
+    drop(lent);
+    drop(turn);
+    Ok(())
+}
+
+/// Issue 14: the refusals that need no driver: buffers of other backends are not CUDA device
+/// memory, whatever their kind.
+#[test]
+fn buffers_of_other_backends_are_not_cuda_device_memory() -> TestResult {
+    let host = MemoryManager::new(gpupool::backend::host::HostBackend::new());
+    let mut buffer = host.allocate::<f32>(1000)?;
+    let expected = PoolError::NotDeviceMemory {
+        backend: "host".to_string(),
+        kind: buffer.kind(),
+        wanted: "CUDA",
+    };
+    assert_eq!(buffer.cuda_view().err(), Some(expected.clone()));
+    assert_eq!(buffer.cuda_view_mut().err(), Some(expected));
+    assert!(host.backend::<CudaBackend>(0).is_none());
+
+    let sim = MemoryManager::new(gpupool::backend::sim::SimBackend::new(
+        gpupool::backend::sim::SimConfig::default(),
+    ));
+    let device = sim.allocate_with::<u32>(1000, AllocOptions::kind(MemoryKind::Device))?;
+    assert_eq!(
+        device.cuda_view().err(),
+        Some(PoolError::NotDeviceMemory {
+            backend: "sim".to_string(),
+            kind: MemoryKind::Device,
+            wanted: "CUDA",
+        })
+    );
     Ok(())
 }

@@ -171,7 +171,7 @@ fn mixed_sizes_keep_reserved_close_to_live() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let bytes = 2 * MIB + (state >> 35) as usize % (60 * MIB);
-        if state % 2 == 0 && !held.is_empty() {
+        if state.is_multiple_of(2) && !held.is_empty() {
             let buffer: gpupool::PooledBuffer<u8> =
                 held.swap_remove((state >> 9) as usize % held.len());
             live -= buffer.requested_bytes() as u64;

@@ -4,11 +4,14 @@ mod common;
 mod core;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_stress;
 mod large;
 mod layers;
 mod metal_like;
 mod observability;
 mod properties;
+mod readme;
 mod regressions;
 mod stream_safety;
 mod stress;

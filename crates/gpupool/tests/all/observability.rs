@@ -143,7 +143,7 @@ const HEALTHY_DASHBOARD: &str = "\
                         gpupool Memory Pool Dashboard
 ══════════════════════════════════════════════════════════════════════════════
   Backend: sim   Pooling: on   Devices: 1
-  Device 0: simulated device (85899345920 bytes), capacity 80.0 GiB, no budget
+  Device 0: simulated device (80 GiB), capacity 80.0 GiB, no budget
 
 Overall Statistics
 ──────────────────────────────────────────────────────────────────────────────
@@ -192,7 +192,7 @@ const THRASHING_DASHBOARD: &str = "\
                         gpupool Memory Pool Dashboard
 ══════════════════════════════════════════════════════════════════════════════
   Backend: sim   Pooling: on   Devices: 1
-  Device 0: simulated device (85899345920 bytes), capacity 80.0 GiB, no budget
+  Device 0: simulated device (80 GiB), capacity 80.0 GiB, no budget
 
 Overall Statistics
 ──────────────────────────────────────────────────────────────────────────────
@@ -241,7 +241,7 @@ const EMPTY_DASHBOARD: &str = "\
                         gpupool Memory Pool Dashboard
 ══════════════════════════════════════════════════════════════════════════════
   Backend: sim   Pooling: on   Devices: 1
-  Device 0: simulated device (85899345920 bytes), capacity 80.0 GiB, no budget
+  Device 0: simulated device (80 GiB), capacity 80.0 GiB, no budget
 
 Overall Statistics
 ──────────────────────────────────────────────────────────────────────────────
@@ -367,6 +367,7 @@ fn the_pool_report_serialises_to_json() {
         UNIX_EPOCH + Duration::from_secs(1_764_073_989),
     );
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["schema_version"], PoolReport::SCHEMA_VERSION);
     assert_eq!(json["generated_at"], "2025-11-25T12:33:09Z");
     assert_eq!(json["generated_at_unix_s"], 1_764_073_989);
     assert_eq!(json["health"]["status"], "Healthy");

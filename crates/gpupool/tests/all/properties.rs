@@ -194,9 +194,9 @@ fn build(pool: &PoolSetup, device: &DeviceSetup) -> (MemoryManager, SimBackend) 
         // Reclaiming before the peak is exercised with virtual memory on odd capacities.
         .reclaim_at_peak(device.capacity_bytes % 2 == 1)
         // And releasing idle class blocks at the peak on all but every fourth capacity.
-        .release_idle_at_peak(device.capacity_bytes % 4 != 0)
+        .release_idle_at_peak(!device.capacity_bytes.is_multiple_of(4))
         // And class blocks carved out of the arena on capacities not divisible by three.
-        .carve_class_blocks(device.capacity_bytes % 3 != 0)
+        .carve_class_blocks(!device.capacity_bytes.is_multiple_of(3))
         .shards(pool.shards)
         .maintenance_interval(Duration::ZERO);
     if let Some((blocks, bytes, keep)) = pool.idle_caps {

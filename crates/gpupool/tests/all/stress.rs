@@ -72,14 +72,14 @@ const MAX_EXCHANGE: usize = 64;
 const KEPT_VIOLATIONS: usize = 20;
 
 /// SplitMix64: a reproducible per-thread sequence is all the stress needs, without `rand`.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn new(seed: u64) -> SplitMix64 {
+    pub(crate) fn new(seed: u64) -> SplitMix64 {
         SplitMix64(seed ^ 0x5851_f42d_4c95_7f2d)
     }
 
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut mixed = self.0;
         mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -88,11 +88,11 @@ impl SplitMix64 {
     }
 
     /// A draw in `0..bound` (the modulo bias is irrelevant here).
-    fn below(&mut self, bound: usize) -> usize {
+    pub(crate) fn below(&mut self, bound: usize) -> usize {
         (self.next() % bound.max(1) as u64) as usize
     }
 
-    fn chance(&mut self, one_in: usize) -> bool {
+    pub(crate) fn chance(&mut self, one_in: usize) -> bool {
         self.below(one_in) == 0
     }
 }
@@ -381,7 +381,7 @@ impl Fence for FlagFence {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -607,13 +607,13 @@ impl<D: Device> StreamOrdered for FlakyFences<D> {
 
 /// The violations of a run: counted, the first few kept with their messages.
 #[derive(Default)]
-struct Violations {
+pub(crate) struct Violations {
     count: AtomicU64,
-    first: Mutex<Vec<String>>,
+    pub(crate) first: Mutex<Vec<String>>,
 }
 
 impl Violations {
-    fn report(&self, message: String) {
+    pub(crate) fn report(&self, message: String) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut first = lock(&self.first);
         if first.len() < KEPT_VIOLATIONS {
@@ -622,16 +622,16 @@ impl Violations {
         }
     }
 
-    fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 }
 
 /// Who owns a buffer: the thread that allocated it and its sequence number there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Owner {
-    thread: u32,
-    seq: u64,
+pub(crate) struct Owner {
+    pub(crate) thread: u32,
+    pub(crate) seq: u64,
 }
 
 impl fmt::Display for Owner {
@@ -652,7 +652,7 @@ struct Live {
 }
 
 /// Live `[start, end)` ranges of one device, by start.
-type IntervalMap = BTreeMap<u64, (u64, Owner)>;
+pub(crate) type IntervalMap = BTreeMap<u64, (u64, Owner)>;
 
 /// Counts of one thread, summed at the end.
 #[derive(Clone, Copy, Debug, Default)]
@@ -780,6 +780,43 @@ fn pattern_offset(owner: Owner) -> usize {
     (owner.seq as usize).wrapping_mul(8_191) % TEMPLATE_BYTES
 }
 
+/// Adds `owner`'s live range `[start, end)` to `map`, unless it overlaps a live range there;
+/// the error describes the overlap.
+pub(crate) fn insert_range(
+    map: &Mutex<IntervalMap>,
+    start: u64,
+    end: u64,
+    owner: Owner,
+) -> Result<(), String> {
+    let mut map = lock(map);
+    // The ranges in the map are disjoint, so the last one starting before `end` is the only
+    // one that can reach past `start`.
+    if let Some((&other_start, &(other_end, other))) = map.range(..end).next_back() {
+        if other_end > start {
+            return Err(format!(
+                "block [{start:#x}, {end:#x}) handed out while {other}'s [{other_start:#x}, \
+                 {other_end:#x}) is live"
+            ));
+        }
+    }
+    map.insert(start, (end, owner));
+    Ok(())
+}
+
+/// Removes `owner`'s range starting at `start` from `map`; the error says what was there.
+pub(crate) fn remove_range(
+    map: &Mutex<IntervalMap>,
+    start: u64,
+    owner: Owner,
+) -> Result<(), String> {
+    match lock(map).remove(&start) {
+        Some((_, found)) if found == owner => Ok(()),
+        other => Err(format!(
+            "{owner}: its range at {start:#x} was not in the map at drop (found {other:?})"
+        )),
+    }
+}
+
 impl<D: Device> Shared<D> {
     fn new(setup: &Setup) -> Shared<D> {
         let devices: Vec<D> = (0..setup.devices).map(|i| D::build(setup, i)).collect();
@@ -834,33 +871,20 @@ impl<D: Device> Shared<D> {
         counts.overlap_checks += 1;
         let start = live.buffer.device_address();
         let end = start + live.buffer.block_bytes() as u64;
-        let mut map = lock(&self.intervals[live.device]);
-        // The ranges in the map are disjoint, so the last one starting before `end` is the
-        // only one that can reach past `start`.
-        if let Some((&other_start, &(other_end, other))) = map.range(..end).next_back() {
-            if other_end > start {
-                drop(map);
-                self.violations.report(format!(
-                    "{}: device {} block [{start:#x}, {end:#x}) handed out while {other}'s \
-                     [{other_start:#x}, {other_end:#x}) is live",
-                    live.owner, live.device
-                ));
-                return false;
+        match insert_range(&self.intervals[live.device], start, end, live.owner) {
+            Ok(()) => true,
+            Err(overlap) => {
+                self.violations
+                    .report(format!("{}: device {}: {overlap}", live.owner, live.device));
+                false
             }
         }
-        map.insert(start, (end, live.owner));
-        true
     }
 
     fn remove_interval(&self, live: &Live) {
         let start = live.buffer.device_address();
-        let removed = lock(&self.intervals[live.device]).remove(&start);
-        match removed {
-            Some((_, owner)) if owner == live.owner => {}
-            other => self.violations.report(format!(
-                "{}: its range at {start:#x} was not in the map at drop (found {other:?})",
-                live.owner
-            )),
+        if let Err(message) = remove_range(&self.intervals[live.device], start, live.owner) {
+            self.violations.report(message);
         }
     }
 
@@ -970,7 +994,7 @@ impl<D: Device> Shared<D> {
 
 /// Counters that never go backwards, from one snapshot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Monotone {
+pub(crate) struct Monotone {
     requests: u64,
     hits: u64,
     misses: u64,
@@ -982,7 +1006,7 @@ struct Monotone {
 }
 
 impl Monotone {
-    fn of(stats: &PoolStats) -> Monotone {
+    pub(crate) fn of(stats: &PoolStats) -> Monotone {
         let totals = &stats.totals;
         Monotone {
             requests: totals.requests,
@@ -996,7 +1020,7 @@ impl Monotone {
         }
     }
 
-    fn not_below(&self, earlier: &Monotone) -> bool {
+    pub(crate) fn not_below(&self, earlier: &Monotone) -> bool {
         self.requests >= earlier.requests
             && self.hits >= earlier.hits
             && self.misses >= earlier.misses
@@ -1010,7 +1034,7 @@ impl Monotone {
 
 /// The identities a snapshot satisfies on its own (those of `common::assert_consistent` that
 /// do not read the device), the peak, and the budget; returns what failed.
-fn snapshot_failures(stats: &PoolStats, budget: Option<u64>) -> Vec<String> {
+pub(crate) fn snapshot_failures(stats: &PoolStats, budget: Option<u64>) -> Vec<String> {
     let mut failures = Vec::new();
     let mut expect = |holds: bool, what: String| {
         if !holds {
@@ -1149,7 +1173,7 @@ fn check_snapshot<D: Device>(
 
 /// Request sizes from 1 B to `max`: log-uniform, half the time skewed further to small sizes,
 /// one in twenty an edge (class, arena threshold, page).
-fn request_bytes(random: &mut SplitMix64, max: usize) -> usize {
+pub(crate) fn request_bytes(random: &mut SplitMix64, max: usize) -> usize {
     const EDGES: [usize; 11] = [
         1,
         255,
@@ -1652,7 +1676,7 @@ fn check_at_rest<D: Device>(shared: &Shared<D>, manager: &MemoryManager, counts:
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -1840,7 +1864,7 @@ fn long_setups() -> Vec<Setup> {
     ]
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
         Ok(value) => value
             .replace('_', "")

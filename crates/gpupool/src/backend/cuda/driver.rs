@@ -1,14 +1,14 @@
 //! Driver plumbing shared by the backend and its fences: whether libcuda
 //! can be used at all, opening a device's primary context, binding that context for the length
-//! of one call, the registry of streams a backend may name, and turning driver errors into the
-//! crate's errors.
+//! of one call, and turning driver errors into the crate's errors. (The streams a backend may
+//! name are in `streams.rs`.)
 //!
 //! cudarc loads libcuda on the first call of each driver function and *panics* when the
 //! library is missing, so nothing here calls the driver before [`driver_available`] said yes.
 
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::result::{self, stream::StreamKind, DriverError};
+use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::{sys, CudaContext};
 
 use crate::backend::{BackendError, StreamId};
@@ -29,11 +29,7 @@ fn probe_driver() -> bool {
     if cfg!(miri) {
         return false;
     }
-    // SAFETY: `is_culib_present` only asks libloading to open libcuda under the names cudarc
-    // will later load it by (which runs the library's initialisers, as any CUDA use does) and
-    // closes it again; it has no precondition. It is the guard cudarc offers against its own
-    // panic when the library is missing.
-    if !unsafe { sys::is_culib_present() } {
+    if !libcuda_loadable() {
         tracing::debug!("no CUDA driver library (libcuda) found");
         return false;
     }
@@ -45,6 +41,29 @@ fn probe_driver() -> bool {
             false
         }
     }
+}
+
+/// Whether libcuda opens under one of the names cudarc's dynamic loading tries for every CUDA
+/// version (the unversioned name, the `.1` soname every driver installs, and Windows' nvcuda),
+/// so that cudarc, which panics when it finds none, finds one too.
+///
+/// cudarc's own guard, `sys::is_culib_present`, exists only in its `dynamic-loading` mode, and
+/// the mode is the application's choice (the `cuda` feature): with `dynamic-linking` libcuda is
+/// already loaded when this runs, and opening it again succeeds. Asking fewer names than cudarc
+/// does can only report a driver missing where cudarc might have found one, never the reverse.
+fn libcuda_loadable() -> bool {
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+    let names = [
+        format!("{DLL_PREFIX}cuda{DLL_SUFFIX}"),
+        format!("{DLL_PREFIX}cuda{DLL_SUFFIX}.1"),
+        format!("{DLL_PREFIX}nvcuda{DLL_SUFFIX}"),
+    ];
+    names.iter().any(|name| {
+        // SAFETY: opening libcuda runs its initialisers, as cudarc's own loading of it (and any
+        // CUDA use) does; they have no precondition on the caller. The handle is closed again
+        // when dropped, and no symbol is taken from it.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
 }
 
 /// Devices the driver reports; 0 without a usable driver.
@@ -224,75 +243,4 @@ pub(super) fn pool_error(error: DriverError) -> PoolError {
 /// null handle), any other id is a `CUstream` handle cast to `u64`.
 pub(super) fn stream_handle(stream: StreamId) -> sys::CUstream {
     stream.0 as usize as sys::CUstream
-}
-
-struct RegisteredStream {
-    id: u64,
-    /// Created here (destroyed with the registry's owner) rather than lent by the user.
-    owned: bool,
-}
-
-/// The streams a backend (or peer) will pass to the driver.
-///
-/// A [`StreamId`] is a plain number that safe code can make up, and the driver may dereference
-/// a made-up stream handle. So every id other than the default stream is checked against the
-/// streams this owner created, or that a user registered through an `unsafe` call promising
-/// they are valid. The lookup takes a mutex and scans a few entries; only slow paths (fences,
-/// zeroing, host-access waits) do it.
-#[derive(Default)]
-pub(super) struct StreamRegistry {
-    streams: Mutex<Vec<RegisteredStream>>,
-}
-
-impl StreamRegistry {
-    /// Creates a non-blocking stream in the current context (the caller binds it) and records
-    /// it as owned.
-    pub fn create(&self) -> Result<StreamId, DriverError> {
-        let stream = result::stream::create(StreamKind::NonBlocking)?;
-        let id = stream as usize as u64;
-        self.lock().push(RegisteredStream { id, owned: true });
-        Ok(StreamId(id))
-    }
-
-    /// Records a stream the caller vouches for (see `CudaBackend::register_stream`).
-    pub fn register(&self, stream: sys::CUstream) -> StreamId {
-        let id = stream as usize as u64;
-        if id != 0 {
-            let mut streams = self.lock();
-            if !streams.iter().any(|known| known.id == id) {
-                streams.push(RegisteredStream { id, owned: false });
-            }
-        }
-        StreamId(id)
-    }
-
-    /// The handle of `stream`, if it is the default stream or a known one.
-    pub fn handle(&self, stream: StreamId) -> Result<sys::CUstream, BackendError> {
-        if stream == StreamId::DEFAULT || self.lock().iter().any(|known| known.id == stream.0) {
-            Ok(stream_handle(stream))
-        } else {
-            Err(BackendError::Driver(format!(
-                "stream {:#x} was neither created nor registered by this CUDA backend",
-                stream.0
-            )))
-        }
-    }
-
-    /// Destroys the owned streams; the caller has bound their context.
-    pub fn destroy_owned(&self) {
-        for stream in self.lock().drain(..).filter(|stream| stream.owned) {
-            let handle = stream_handle(StreamId(stream.id));
-            // SAFETY: the stream was created by `create` in this context, is destroyed once
-            // (drained from the list), and no later call can name it: the registry is empty
-            // now. Work still queued on it completes; the driver frees it afterwards.
-            let destroyed = unsafe { result::stream::destroy(handle) };
-            if let Err(error) = destroyed {
-                tracing::warn!(error = %describe(error), "could not destroy a CUDA stream");
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RegisteredStream>> {
-        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }

@@ -21,9 +21,12 @@
 //!   leaves a thread pointed at the wrong device. The hit path never reaches this module.
 //! - **Streams.** `StreamId(0)` is the legacy default stream (the null `CUstream`); any other
 //!   id is a `CUstream` handle cast to `u64`. Ids come from [`CudaBackend::create_stream`]
-//!   (non-blocking streams that live as long as the backend) or from
-//!   [`CudaBackend::register_stream`] for streams made elsewhere; an unknown id is refused
-//!   rather than passed to the driver, because a made-up handle is undefined behaviour there.
+//!   (non-blocking cudarc streams that live at least as long as the backend), from
+//!   [`CudaBackend::adopt_stream`] for a cudarc `Arc<CudaStream>` (the backend keeps a clone),
+//!   or from the `unsafe` [`CudaBackend::register_stream`] for raw handles made elsewhere; an
+//!   unknown id is refused rather than passed to the driver, because a made-up handle is
+//!   undefined behaviour there. [`CudaBackend::cudarc_stream`] turns an id back into a cudarc
+//!   stream.
 //! - **GPU lifetime.** [`StreamOrdered::record_fence`] records a CUDA event on a stream; the pool
 //!   reuses a block on another stream only after that event completed (see `crate::fence`).
 //!   [`StreamOrdered::synchronize`] is `cuCtxSynchronize`, and [`Zeroing::zero`] is a
@@ -31,6 +34,17 @@
 //!   that stream and before the new owner's. Because both may still be queued when a
 //!   host-visible buffer is handed out, its first host access waits for the stream
 //!   ([`StreamOrdered::wait_for_stream`], `cuStreamSynchronize`).
+//! - **cudarc interop.** A pooled buffer of `Device` memory is lent to cudarc's API as a
+//!   [`CudaBufferView`] or [`CudaBufferViewMut`] (`PooledBuffer::cuda_view`,
+//!   `cuda_view_mut`, and the `_on` forms for another stream), which implement cudarc's
+//!   `DevicePtr`, `DevicePtrMut` and `PushKernelArg`: `stream.memcpy_htod(&host, &mut
+//!   buffer.cuda_view_mut()?)` works, no raw address needed. A view borrows its buffer, is
+//!   refused for host kinds, other backends and streams of other contexts, and when it is lent
+//!   to a stream other than the buffer's own, it orders the two streams on the device with
+//!   events, so the pool never reuses the block before cudarc's work on it finished (see
+//!   [`CudaBufferView`] for the rules). The example
+//!   `examples/cudarc_kernel.rs` copies in, launches a kernel on pooled buffers, and copies
+//!   out.
 //! - **Errors.** `CUDA_ERROR_OUT_OF_MEMORY` becomes [`BackendError::OutOfMemory`] (the pool
 //!   releases idle blocks and retries); a device request above the device's total memory is
 //!   [`BackendError::TooLarge`]; everything else is [`BackendError::Driver`] with the driver's
@@ -39,6 +53,8 @@
 mod capabilities;
 mod driver;
 mod fence;
+mod interop;
+mod streams;
 mod virtual_memory;
 
 use std::fmt;
@@ -49,12 +65,14 @@ use std::sync::Arc;
 /// The `cudarc` this backend is built on, for raw driver calls on its device addresses and
 /// streams (its `driver::sys` types are the ones [`CudaBackend::stream_handle`] returns).
 pub use cudarc;
+pub use interop::{CudaBufferView, CudaBufferViewMut};
 
 use cudarc::driver::result;
-use cudarc::driver::{sys, CudaContext};
+use cudarc::driver::{sys, CudaContext, CudaStream};
 
-use self::driver::{backend_error, pool_error, Bound, HeldContext, StreamRegistry};
+use self::driver::{backend_error, pool_error, Bound, HeldContext};
 use self::fence::EventFence;
+use self::streams::StreamRegistry;
 use super::{
     Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, StreamId, StreamOrdered, Zeroing,
 };
@@ -66,6 +84,12 @@ use crate::size_class::BLOCK_ALIGN;
 /// recognised and refused instead of freed by the wrong call. Host tokens are 0, sim tokens
 /// count up from 1 and Metal tokens are user-space pointers (below 2^57): none has these bits.
 const TOKEN_TAG: u64 = 0xC0DA << 48;
+
+/// `cuda.h`'s `CU_STREAM_LEGACY` and `CU_STREAM_PER_THREAD`: special handles that name the
+/// legacy default stream, and the calling thread's per-thread default stream (cudarc's
+/// `per_thread_stream`). cudarc's bindings do not define them.
+const CU_STREAM_LEGACY: usize = 0x1;
+const CU_STREAM_PER_THREAD: usize = 0x2;
 
 /// Numbers backend instances for their tokens.
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
@@ -172,11 +196,87 @@ impl CudaBackend {
     }
 
     /// Creates a non-blocking stream (it does not synchronise with the legacy default stream).
-    /// The backend keeps it alive and destroys it when the backend is dropped, that is, when
-    /// the last manager handle and buffer using this backend are gone.
+    /// The backend keeps it alive until the backend is dropped, that is, until the last manager
+    /// handle and buffer using this backend are gone; it is destroyed then, or later when the
+    /// last clone taken with [`CudaBackend::cudarc_stream`] drops.
+    ///
+    /// The stream is a cudarc `CudaStream` ([`CudaBackend::cudarc_stream`] hands it out), so
+    /// cudarc learns that the context has several streams: its own `CudaSlice`s then record
+    /// their uses with events, and the first such stream makes cudarc synchronise the context
+    /// once.
     pub fn create_stream(&self) -> Result<StreamId, PoolError> {
         let _bound = self.bind().map_err(pool_error)?;
-        self.streams.create().map_err(pool_error)
+        self.streams.create(self.ctx.arc()).map_err(pool_error)
+    }
+
+    /// Lets the pool use a cudarc stream: the safe counterpart of
+    /// [`CudaBackend::register_stream`]. The backend keeps a clone of the `Arc`, so the stream
+    /// stays alive at least as long as the backend, whatever the caller does with its own
+    /// clones. Adopting the same stream again returns the same id; a null stream
+    /// (`ctx.default_stream()`) is [`StreamId::DEFAULT`].
+    ///
+    /// Errors ([`PoolError::Backend`]): a stream of another context than this backend's (its
+    /// handle means nothing here), and cudarc's per-thread default stream, whose handle names a
+    /// different stream on each thread, so a fence the pool records on it from another thread
+    /// would not follow the work.
+    ///
+    /// ```no_run
+    /// use gpupool::backend::cuda::CudaBackend;
+    /// use gpupool::{AllocOptions, MemoryManager};
+    ///
+    /// let backend = CudaBackend::new(0)?;
+    /// let stream = backend.context().new_stream().expect("a cudarc stream");
+    /// let options = AllocOptions { stream: backend.adopt_stream(&stream)?, ..AllocOptions::default() };
+    /// let manager = MemoryManager::new(backend);
+    /// let buffer = manager.allocate_with::<f32>(1024, options)?;
+    /// # drop(buffer);
+    /// # Ok::<(), gpupool::PoolError>(())
+    /// ```
+    pub fn adopt_stream(&self, stream: &Arc<CudaStream>) -> Result<StreamId, PoolError> {
+        self.check_stream_context(stream)?;
+        let handle = stream.cu_stream() as usize;
+        if handle == 0 {
+            return Ok(StreamId::DEFAULT);
+        }
+        if handle == CU_STREAM_LEGACY || handle == CU_STREAM_PER_THREAD {
+            return Err(PoolError::Backend {
+                backend: driver::BACKEND.to_string(),
+                message: format!(
+                    "the special stream handle {handle:#x} (per-thread or legacy default stream) \
+                     cannot be adopted; use the null stream (StreamId::DEFAULT) or a stream of \
+                     its own"
+                ),
+            });
+        }
+        Ok(self.streams.adopt(stream))
+    }
+
+    /// The cudarc stream a pool stream id stands for: the default stream (a fresh
+    /// `ctx.default_stream()`), a stream [`CudaBackend::create_stream`] made, or one
+    /// [`CudaBackend::adopt_stream`] took. `None` for ids the backend does not know, and for
+    /// raw handles lent through [`CudaBackend::register_stream`], because the `Arc` could
+    /// outlive the promise that keeps them alive (adopt the cudarc stream instead).
+    pub fn cudarc_stream(&self, stream: StreamId) -> Option<Arc<CudaStream>> {
+        if stream == StreamId::DEFAULT {
+            return Some(self.ctx.arc().default_stream());
+        }
+        self.streams.cudarc(stream)
+    }
+
+    /// Refuses a cudarc stream of another context than this backend's.
+    fn check_stream_context(&self, stream: &CudaStream) -> Result<(), PoolError> {
+        if stream.context() == self.ctx.arc() {
+            return Ok(());
+        }
+        Err(PoolError::Backend {
+            backend: driver::BACKEND.to_string(),
+            message: format!(
+                "the cudarc stream belongs to another CUDA context (device {}) than this \
+                 backend's (device {})",
+                stream.context().ordinal(),
+                self.ctx.ordinal()
+            ),
+        })
     }
 
     /// Lets the pool use a stream made elsewhere (by `cudarc`, another library, or the user's
@@ -235,7 +335,7 @@ impl CudaBackend {
         // else these kinds are not offered).
         let raw = unsafe { result::malloc_host(bytes, flags) }.map_err(backend_error)?;
         let host = match NonNull::new(raw.cast::<u8>()) {
-            Some(host) if host.as_ptr() as usize % BLOCK_ALIGN == 0 => host,
+            Some(host) if (host.as_ptr() as usize).is_multiple_of(BLOCK_ALIGN) => host,
             _ => {
                 free_host(raw);
                 return Err(BackendError::Driver(format!(
@@ -272,6 +372,10 @@ fn free_host(raw: *mut std::ffi::c_void) {
 impl Backend for CudaBackend {
     fn name(&self) -> &str {
         driver::BACKEND
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn device_name(&self) -> String {
@@ -364,7 +468,7 @@ impl Drop for CudaBackend {
         // Every block is gone by now: the pool, which owns this backend, released them all.
         match self.bind() {
             Ok(_bound) => {
-                self.streams.destroy_owned();
+                self.streams.release_all();
                 if self.keep_mapped != 0 {
                     // SAFETY: allocated in `new` with `cuMemAlloc` in this context, freed only
                     // here; no work uses it.

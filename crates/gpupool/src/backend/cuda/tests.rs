@@ -48,7 +48,10 @@ fn unknown_streams_are_refused_without_a_driver_call() {
     let lent = registry.register(0xbeef_0000usize as sys::CUstream);
     assert_eq!(lent, StreamId(0xbeef_0000));
     assert_eq!(registry.handle(lent).unwrap() as usize, 0xbeef_0000);
+    // A raw handle has no cudarc stream to hand out.
+    assert!(registry.cudarc(lent).is_none());
+    assert!(registry.cudarc(StreamId(0xdead_0000)).is_none());
     // Lent streams are not destroyed by the registry, so no driver call happens here.
-    registry.destroy_owned();
+    registry.release_all();
     assert!(registry.handle(lent).is_err());
 }

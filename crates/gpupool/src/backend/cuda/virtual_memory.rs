@@ -45,11 +45,31 @@ fn page_properties(ordinal: i32) -> sys::CUmemAllocationProp {
     // pointer, for which all zeros mean "no handle types, no flags, no metadata".
     let mut properties: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
     properties.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
-    properties.location = sys::CUmemLocation {
+    properties.location = device_location(ordinal);
+    properties
+}
+
+/// `CUmemLocation` as every CUDA version lays it out: CUDA 13.2 made `id` the first member of
+/// a union (beside a `localized` pair of bytes), which keeps the layout but not cudarc's Rust
+/// field names, and which version's bindings are compiled is the application's choice (the
+/// `cuda` feature).
+#[repr(C)]
+struct MemLocation {
+    type_: sys::CUmemLocationType,
+    id: std::ffi::c_int,
+}
+
+/// The location "device `ordinal`".
+fn device_location(ordinal: i32) -> sys::CUmemLocation {
+    let location = MemLocation {
         type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
         id: ordinal,
     };
-    properties
+    // SAFETY: `MemLocation` is the C layout of `CUmemLocation` in every CUDA version cudarc
+    // binds (an enum, then an `int` or a union whose first member is that `int`, 4 bytes
+    // each); `transmute` checks the sizes agree, and every bit pattern of the two fields is a
+    // value of the target's (the enum value is one of its variants).
+    unsafe { std::mem::transmute::<MemLocation, sys::CUmemLocation>(location) }
 }
 
 /// The device's granularity when it supports virtual memory management, else `None`.
@@ -171,5 +191,20 @@ impl VirtualMemory for CudaBackend {
         if let Err(error) = unsafe { sys::cuMemRelease(handle) }.result() {
             tracing::warn!(error = %driver::describe(error), "cuMemRelease failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cudarc::driver::sys;
+
+    #[test]
+    fn device_location_is_the_type_then_the_ordinal() {
+        let location = super::device_location(7);
+        // SAFETY: `CUmemLocation` is two 4-byte fields (`device_location`'s transmute checks
+        // the size), and any bytes are an `[i32; 2]`.
+        let words = unsafe { std::mem::transmute::<sys::CUmemLocation, [i32; 2]>(location) };
+        let device = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE as i32;
+        assert_eq!(words, [device, 7]);
     }
 }

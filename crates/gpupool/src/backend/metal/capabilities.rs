@@ -8,6 +8,10 @@ impl Backend for MetalBackend {
         "metal"
     }
 
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn device_name(&self) -> String {
         self.shared.device_name.clone()
     }

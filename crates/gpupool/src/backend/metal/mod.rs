@@ -285,12 +285,18 @@ impl MetalBackend {
         self.metal_buffer_at(buffer.device_address())
     }
 
-    /// [`MetalBackend::metal_buffer`] by the block's device address.
+    /// [`MetalBackend::metal_buffer`] by the block's device address: the buffer registered at
+    /// that address, or, for a block the pool carved out of a larger buffer (a large-arena
+    /// segment), the live buffer whose range holds the address, with the offset moved to the
+    /// block's start. The second case scans the live buffers: call it on slow paths (binding),
+    /// not per element.
     pub fn metal_buffer_at(&self, device_address: u64) -> Option<MetalBuffer> {
-        self.shared
+        let exact = self
+            .shared
             .live_shard(device_address)
             .get(&device_address)
-            .cloned()
+            .cloned();
+        exact.or_else(|| self.shared.containing(device_address))
     }
 
     /// Runs `f` on the block's buffer if this backend allocated the block (its device address
@@ -307,6 +313,23 @@ impl MetalBackend {
 }
 
 impl Shared {
+    /// The live buffer whose bytes hold `device_address` (inside, not at its start), with the
+    /// offset of that address in it.
+    fn containing(&self, device_address: u64) -> Option<MetalBuffer> {
+        self.live.iter().find_map(|shard| {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.iter().find_map(|(&start, entry)| {
+                // The block registered at `start` runs to the end of the buffer.
+                let usable = entry.buffer().length().saturating_sub(entry.offset()) as u64;
+                let inside = device_address > start && device_address - start < usable;
+                inside.then(|| {
+                    let offset = entry.offset() + (device_address - start) as usize;
+                    MetalBuffer::new(entry.retained(), offset)
+                })
+            })
+        })
+    }
+
     fn live_shard(&self, device_address: u64) -> MutexGuard<'_, HashMap<u64, MetalBuffer>> {
         let hash = (device_address >> 8) ^ (device_address >> 16) ^ (device_address >> 24);
         self.live[hash as usize % LIVE_SHARDS]

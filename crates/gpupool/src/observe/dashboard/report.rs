@@ -49,6 +49,10 @@ pub struct RecommendationEntry {
 /// `to_json` writes with the `json` feature.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PoolReport {
+    /// The layout of the serialised report, [`PoolReport::SCHEMA_VERSION`]: a reader checks it
+    /// before trusting the fields it knows. Fields may be added without raising it; it is
+    /// raised when one changes meaning or goes.
+    pub schema_version: u32,
     /// When the report was made, UTC, RFC 3339 (`2025-11-25T12:00:00Z`).
     pub generated_at: String,
     /// The same instant in seconds since the Unix epoch.
@@ -70,6 +74,9 @@ pub struct PoolReport {
 }
 
 impl PoolReport {
+    /// The layout version this library writes.
+    pub const SCHEMA_VERSION: u32 = 1;
+
     /// The report of `stats`, dated `generated_at`.
     pub fn new(stats: PoolStats, generated_at: SystemTime) -> PoolReport {
         let seconds = generated_at
@@ -88,6 +95,7 @@ impl PoolReport {
             })
             .collect();
         PoolReport {
+            schema_version: PoolReport::SCHEMA_VERSION,
             generated_at: rfc3339(seconds),
             generated_at_unix_s: seconds,
             summary: summary(&stats),

@@ -30,8 +30,8 @@ small and large pools. The mapping (PyTorch key: gpupool figure):
 - ``num_device_alloc`` / ``num_device_free``: ``totals.backend_allocations`` /
   ``totals.backend_releases``.
 - ``num_ooms``: ``ffi.out_of_memory``, allocations refused for lack of memory or budget.
-- ``num_alloc_retries``: always 0. The library retries once after releasing idle blocks but
-  does not count it in its statistics.
+- ``num_alloc_retries``: ``totals.alloc_retries``, allocations tried again after out of
+  memory or the budget made the pool release its idle memory.
 """
 
 from __future__ import annotations
@@ -67,6 +67,6 @@ def torch_memory_stats(document: Dict[str, Any]) -> Dict[str, int]:
         "num_device_alloc": totals["backend_allocations"],
         "num_device_free": totals["backend_releases"],
         "num_ooms": ffi["out_of_memory"],
-        "num_alloc_retries": 0,
+        "num_alloc_retries": totals["alloc_retries"],
     }
     return dict(sorted(stats.items()))

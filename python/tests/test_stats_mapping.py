@@ -112,6 +112,18 @@ class TorchKeyMapping(unittest.TestCase):
         self.assertEqual(len(told), 1)
         self.assertEqual(told[0][:2], (device, 2 * MiB))
         self.assertEqual(gpupool_torch.memory_stats(device)["num_ooms"], 1)
+        # Above the whole budget: refused without emptying the cache, so no retry.
+        self.assertEqual(gpupool_torch.memory_stats(device)["num_alloc_retries"], 0)
+        # A cached 512 KiB block and a new 1 MiB one do not fit the budget together: the
+        # cached block is released and the allocation retried, once.
+        lib = _lib.lib()
+        small = lib.gpupool_alloc(512 * 1024, device, None)
+        self.assertTrue(small)
+        lib.gpupool_free(small, 512 * 1024, device, None)
+        larger = lib.gpupool_alloc(1 * MiB, device, None)
+        self.assertTrue(larger)
+        self.assertEqual(gpupool_torch.memory_stats(device)["num_alloc_retries"], 1)
+        lib.gpupool_free(larger, 1 * MiB, device, None)
         with self.assertRaises(gpupool.GpupoolError) as raised:
             gpupool.set_budget_bytes(device, 4 * MiB)
         self.assertEqual(raised.exception.code, _lib.GPUPOOL_ERR_TOO_LATE)

@@ -242,6 +242,9 @@ pub struct Totals {
     pub bypasses: u64,
     /// Allocate calls that returned an error.
     pub failed_requests: u64,
+    /// Allocations tried a second time after out of memory or the budget made the pool
+    /// release its idle memory (PyTorch's `num_alloc_retries`).
+    pub alloc_retries: u64,
     /// Every backend allocation (misses, bypasses, prewarming).
     pub backend_allocations: u64,
     /// Every backend release.
@@ -315,6 +318,7 @@ impl Totals {
         self.misses += other.misses;
         self.bypasses += other.bypasses;
         self.failed_requests += other.failed_requests;
+        self.alloc_retries += other.alloc_retries;
         self.backend_allocations += other.backend_allocations;
         self.backend_releases += other.backend_releases;
         self.in_use_bytes += other.in_use_bytes;

@@ -19,7 +19,7 @@
 //! | `gpupool_hit_latency_samples_total`, `gpupool_miss_latency_samples_total` | counter | device, class, kind |
 //! | `gpupool_bypass_requests_total`, `_bypass_backend_allocations_total`, `_bypass_backend_releases_total` | counter | device |
 //! | `gpupool_bypass_in_use_bytes` | gauge | device |
-//! | `gpupool_failed_requests_total` | counter | device |
+//! | `gpupool_failed_requests_total`, `gpupool_alloc_retries_total` | counter | device |
 //! | `gpupool_reserved_bytes`, `gpupool_peak_reserved_bytes` | gauge | device |
 //! | `gpupool_memory_pressure_ratio` | gauge | device |
 //! | `gpupool_capacity_bytes`, `gpupool_device_free_bytes`, `gpupool_budget_bytes` | gauge (where known) | device |
@@ -294,6 +294,12 @@ pub fn encode_stats(stats: &PoolStats, mut encoder: DescriptorEncoder) -> fmt::R
         "failed_requests",
         "Allocate calls that returned an error.",
         per_device(&|d| Some(d.totals.failed_requests)),
+    )?;
+    counters(
+        encoder,
+        "alloc_retries",
+        "Allocations retried after releasing idle memory (out of memory or budget).",
+        per_device(&|d| Some(d.totals.alloc_retries)),
     )?;
     gauges(
         encoder,

@@ -3,6 +3,8 @@
 //! the pools, so this policy lives here rather than in the upstream adaptor).
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::Ordering;
+
 use super::device::DevicePool;
 use super::PoolManager;
 use crate::backend::Block;
@@ -22,6 +24,7 @@ impl PoolManager {
         self.reserve(pool, block_bytes)?;
         let outcome = match pool.upstream.allocate(block_bytes, kind) {
             Err(BackendError::OutOfMemory) => {
+                pool.alloc_retries.fetch_add(1, Ordering::Relaxed);
                 let released = self.release_everything(pool);
                 tracing::info!(
                     block_bytes,
@@ -65,14 +68,18 @@ impl PoolManager {
         if budget.try_reserve(bytes) {
             return Ok(());
         }
-        let released = self.release_everything(pool);
-        tracing::info!(
-            bytes,
-            released_blocks = released.blocks,
-            "budget reached: released idle blocks, retrying once"
-        );
-        if budget.try_reserve(bytes) {
-            return Ok(());
+        // Above the whole budget: no release could make it fit, so the caches stay.
+        if bytes <= budget.limit() {
+            pool.alloc_retries.fetch_add(1, Ordering::Relaxed);
+            let released = self.release_everything(pool);
+            tracing::info!(
+                bytes,
+                released_blocks = released.blocks,
+                "budget reached: released idle blocks, retrying once"
+            );
+            if budget.try_reserve(bytes) {
+                return Ok(());
+            }
         }
         Err(PoolError::BudgetExceeded {
             requested_bytes: bytes,

@@ -41,6 +41,8 @@ pub(super) struct DevicePool {
     /// The device's memory, read once (a request above it never fits).
     pub capacity_bytes: Option<u64>,
     pub failed_requests: AtomicU64,
+    /// Allocations retried after releasing idle memory (out of memory or budget).
+    pub alloc_retries: AtomicU64,
     /// Requests per cache at the previous `defragment`.
     pub defragment_marks: Mutex<Vec<u64>>,
 }
@@ -101,6 +103,7 @@ impl DevicePool {
             hits_need_checks: purgeable || config.zero_on_reuse,
             large_threshold,
             failed_requests: AtomicU64::new(0),
+            alloc_retries: AtomicU64::new(0),
             defragment_marks: Mutex::new(marks),
         })
     }

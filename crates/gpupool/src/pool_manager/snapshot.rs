@@ -47,6 +47,7 @@ impl PoolManager {
                 requests: bypass_counters.requests,
                 bypasses: bypass_counters.requests,
                 failed_requests: pool.failed_requests.load(Ordering::Relaxed),
+                alloc_retries: pool.alloc_retries.load(Ordering::Relaxed),
                 backend_allocations: bypass_counters.backend_allocations,
                 backend_releases: bypass_counters.backend_releases,
                 in_use_bytes: bypass_counters.in_use_bytes,

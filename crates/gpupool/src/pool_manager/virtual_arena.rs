@@ -106,6 +106,7 @@ impl PoolManager {
             taken,
             Ok(None) | Err(BackendError::OutOfMemory) | Err(BackendError::TooLarge { .. })
         ) {
+            pool.alloc_retries.fetch_add(1, Ordering::Relaxed);
             let released = self.release_everything(pool);
             tracing::info!(
                 requested_bytes,

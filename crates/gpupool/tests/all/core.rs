@@ -357,6 +357,7 @@ fn out_of_memory_releases_idle_blocks_and_retries_once() {
         stats.totals.backend_releases, 4,
         "idle blocks were released to fit"
     );
+    assert_eq!(stats.totals.alloc_retries, 1, "one retry, counted");
     assert_consistent(&stats, &sim);
 
     let refused = manager.allocate_bytes(1024).unwrap_err();
@@ -369,6 +370,11 @@ fn out_of_memory_releases_idle_blocks_and_retries_once() {
         }
     );
     assert_eq!(manager.stats().totals.failed_requests, 1);
+    assert_eq!(
+        manager.stats().totals.alloc_retries,
+        2,
+        "the refusal was retried too"
+    );
     drop(big);
     assert_consistent(&manager.stats(), &sim);
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use gpupool::backend::sim::{SimBackend, SimConfig};
 use gpupool::backend::{BackendError, MemoryInfo, StreamOrdered, Zeroing};
 use gpupool::fence::Fence;
-use gpupool::{Backend, Block, MemoryKind, MemoryManager, PoolConfig, StreamId, TrimLevel};
+use gpupool::{
+    Backend, Block, MemoryKind, MemoryManager, PoolConfig, PoolError, StreamId, TrimLevel,
+};
 
 use crate::common::{defaults, sim_manager};
 
@@ -581,4 +583,31 @@ fn a_failed_synchronize_as_the_pool_ends_leaks_nothing() {
     let ledger = sim.counters();
     assert_eq!(ledger.live_allocations, 0, "leaked: {ledger:?}");
     assert_eq!(ledger.invalid_releases, 0, "{ledger:?}");
+}
+
+/// A request larger than the whole budget emptied every cache before it was refused, though no
+/// release could ever make it fit; one that fits once idle blocks go is retried, and counted.
+#[test]
+fn a_request_above_the_whole_budget_keeps_the_cache() {
+    let sim = SimBackend::new(SimConfig::default());
+    let config = defaults()
+        .budget_bytes(Some(MIB as u64))
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let manager = MemoryManager::with_config(sim.clone(), config).unwrap();
+    drop(manager.allocate_bytes(512 << 10).unwrap());
+    let refused = manager.allocate_bytes(2 * MIB).unwrap_err();
+    assert!(
+        matches!(refused, PoolError::BudgetExceeded { .. }),
+        "{refused:?}"
+    );
+    let stats = manager.stats();
+    assert_eq!(stats.totals.cached_bytes, 512 << 10, "the cache stays");
+    assert_eq!(stats.totals.alloc_retries, 0);
+    let fits_after_release = manager.allocate_bytes(MIB).unwrap();
+    let stats = manager.stats();
+    assert_eq!(stats.totals.alloc_retries, 1);
+    assert_eq!(stats.totals.cached_bytes, 0, "released to make room");
+    drop(fits_after_release);
 }

@@ -107,6 +107,11 @@ fn out_of_memory_unmaps_free_pages_and_retries() {
         "{not_now:?}"
     );
     assert_eq!(second.len(), 40 * MIB, "the live buffer is untouched");
+    assert_eq!(
+        manager.stats().totals.alloc_retries,
+        1,
+        "larger than the device: refused without a retry; the 30 MiB request was retried"
+    );
     assert_consistent(&manager.stats(), &sim);
 }
 

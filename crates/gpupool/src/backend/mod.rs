@@ -221,6 +221,11 @@ pub trait VirtualMemory {
 
     /// Unmaps what [`VirtualMemory::map`] mapped at `address` and releases its physical
     /// memory. The pool calls it only once no queued work uses the range.
+    ///
+    /// For the pool only: called on a backend a pool is using (through an `Arc` kept when the
+    /// manager was made), it unmaps pages the pool's buffers live on, and kernels using them
+    /// then fault. Backends refuse ranges they did not map themselves, so another instance
+    /// cannot do this; host memory is never affected.
     fn unmap(&self, address: u64, bytes: usize);
 }
 

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::device::DevicePool;
-use super::{Allocation, PoolManager, Record, Route};
+use super::{shards_in_use, Allocation, PoolManager, Record, Route};
 use crate::backend::Block;
 use crate::error::PoolError;
 use crate::kind::{MemoryKind, StreamId};
@@ -109,9 +109,13 @@ impl PoolManager {
         let cache = &pool.caches[index as usize];
         let (shard, stream, requested_bytes) =
             (request.shard, request.stream, request.requested_bytes);
-        if let Some((idle, counted_in)) =
-            cache.steal(shard, stream, requested_bytes, request.served)
-        {
+        if let Some((idle, counted_in)) = cache.steal(
+            shard,
+            shards_in_use(),
+            stream,
+            requested_bytes,
+            request.served,
+        ) {
             if !request.served {
                 let request = Request {
                     shard: counted_in,
@@ -189,7 +193,7 @@ impl PoolManager {
     /// stream completes; record those fences now so later requests can reuse them.
     fn fence_foreign_blocks(&self, pool: &DevicePool, index: u32, stream: StreamId) {
         let backend = pool.backend();
-        pool.caches[index as usize].fence_foreign_blocks(stream, |owner| {
+        pool.caches[index as usize].fence_foreign_blocks(stream, shards_in_use(), |owner| {
             backend
                 .fence_after(owner)
                 .inspect_err(|error| tracing::warn!(?error, "could not record a stream fence"))

@@ -1625,6 +1625,12 @@ fn cudarc_interop_refuses_host_memory_raw_streams_and_other_contexts() -> TestRe
     lent.memcpy_htod(&host, &mut raw.cuda_view_mut_on(&lent)?)?;
     assert_eq!(lent.clone_dtoh(&raw.cuda_view_on(&lent)?)?, host);
 
+    match raw.cuda_view_on(&ctx.per_thread_stream()) {
+        Err(PoolError::Backend { message, .. }) => {
+            assert!(message.contains("per-thread"), "{message}")
+        }
+        other => panic!("a view on the per-thread stream was made: {other:?}"),
+    }
     match raw.cuda_view_on(&foreign) {
         Err(PoolError::Backend { message, .. }) => {
             assert!(message.contains("context"), "{message}")

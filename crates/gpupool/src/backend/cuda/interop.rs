@@ -71,8 +71,24 @@ use crate::error::PoolError;
 ///   context has a single stream), the guard synchronises the third stream on the host instead,
 ///   so the order holds in every mode.
 /// - Kernels: `PushKernelArg` cannot see the stream the kernel is launched on, so launch on the
-///   view's use stream (`DeviceSlice::stream`). A launch on any other stream is the `unsafe`
-///   launch's caller's to order, as cudarc's own launch documentation says of raw addresses.
+///   view's use stream (`DeviceSlice::stream`): then the rules above order it. A kernel launched
+///   on any other stream with a view as argument is ordered by nothing (unlike cudarc's own
+///   slices, which carry events for their whole life): keeping it ordered is the `unsafe`
+///   launch's caller's job, with a view made on that stream (`cuda_view_on`).
+///
+/// What the ordering does not cover (each a wrong result on the device if ignored):
+/// - Copies to or from another device's stream (cudarc's peer copies): a view is lent within
+///   its own context; writing into it from another context's stream panics, and a copy out of it
+///   queued on another device's stream is not waited for: synchronise that stream before the
+///   view is dropped.
+/// - Two pointers of one view held at once for two different third streams (raw `device_ptr`
+///   calls whose guards overlap): only the last one is ordered. cudarc's own copies take one
+///   guard at a time and are not affected.
+/// - Streams cudarc does not count (borrowed streams, `wrap_borrowed_stream`): when cudarc's
+///   event tracking changes while a guard lives, its work may be neither recorded nor
+///   synchronised.
+/// - The per-thread and legacy default stream handles are refused as a view's stream (the
+///   per-thread handle names another stream on each thread).
 ///
 /// cudarc's `CudaSlice` carries read and write events for its whole life; a view lives for one
 /// borrow, and settles the order when it ends. Views are `Send` but not `Sync`: the ordering of
@@ -234,6 +250,15 @@ impl CudaBackend {
             })?,
         };
         self.check_stream_context(&stream)?;
+        let handle = stream.cu_stream() as usize;
+        if handle == super::CU_STREAM_LEGACY || handle == super::CU_STREAM_PER_THREAD {
+            // The per-thread handle names another stream on every thread: a view sent to
+            // another thread would compare equal to the buffer's stream there and order nothing.
+            return Err(refuse(format!(
+                "the special stream handle {handle:#x} (per-thread or legacy default stream) \
+                 cannot be a view's stream; use a stream of its own or the buffer's"
+            )));
+        }
         if stream.cu_stream() != pool_handle {
             self.order(stream.cu_stream(), pool_handle)
                 .map_err(|error| {

@@ -41,8 +41,9 @@
 //!   buffer.cuda_view_mut()?)` works, no raw address needed. A view borrows its buffer, is
 //!   refused for host kinds, other backends and streams of other contexts, and when it is lent
 //!   to a stream other than the buffer's own, it orders the two streams on the device with
-//!   events, so the pool never reuses the block before cudarc's work on it finished (see
-//!   [`CudaBufferView`] for the rules). The example
+//!   events, so the pool does not reuse the block before the work cudarc queued through the
+//!   view (copies on any stream of the context, kernels on the view's stream) has finished;
+//!   [`CudaBufferView`] gives the rules and what they do not cover. The example
 //!   `examples/cudarc_kernel.rs` copies in, launches a kernel on pooled buffers, and copies
 //!   out.
 //! - **Errors.** `CUDA_ERROR_OUT_OF_MEMORY` becomes [`BackendError::OutOfMemory`] (the pool

@@ -55,7 +55,7 @@ fn loom_fence_walk_never_covers_a_block_with_an_older_fence() {
             })
         };
         let covered = Arc::new(AtomicU64::new(0));
-        cache.fence_foreign_blocks(StreamId(2), |_| {
+        cache.fence_foreign_blocks(StreamId(2), usize::MAX, |_| {
             let covers = queued.load(Ordering::Acquire);
             covered.store(covers, Ordering::Release);
             Some(Arc::new(NumberedFence {

@@ -46,7 +46,7 @@ fn b1_a_block_dropped_during_the_fence_walk_gets_no_older_fence() {
     let early = idle_block(&sim, StreamId(1));
     assert!(cache.give_back(0, early, 256, &pooling).is_none());
     let late_address = std::cell::Cell::new(0);
-    cache.fence_foreign_blocks(StreamId(2), |owner| {
+    cache.fence_foreign_blocks(StreamId(2), usize::MAX, |owner| {
         assert_eq!(owner, StreamId(1));
         let fence = Arc::new(NumberedFence {
             stream: stream_one.clone(),
@@ -107,4 +107,29 @@ fn b2_a_failed_hit_respects_the_cap_when_its_quota_was_taken() {
     assert!(cache.free_slots() <= cap);
     let counters = cache.counters();
     assert_eq!(counters.requests, 0, "the failed hit was never counted");
+}
+
+/// A miss looks only in the shards threads were given so far: a block in shard 2 of 8 is
+/// found while three threads have shard numbers, and the search never locks shards past
+/// them (with a stale count of two it is not found: a missed reuse, nothing worse).
+#[test]
+fn a_miss_searches_only_the_shards_threads_were_given() {
+    let sim = SimBackend::default();
+    let cache = ClassCache::<()>::new(256, 8, 8);
+    let pooling = AtomicBool::new(true);
+    assert!(cache
+        .give_back(2, idle_block(&sim, StreamId(0)), 256, &pooling)
+        .is_none());
+    assert!(cache.steal(0, 2, StreamId(0), 256, true).is_none());
+    let (_idle, from) = cache
+        .steal(0, 3, StreamId(0), 256, true)
+        .expect("the block in shard 2");
+    assert_eq!(from, 2);
+    assert!(cache
+        .give_back(6, idle_block(&sim, StreamId(0)), 256, &pooling)
+        .is_none());
+    let (_idle, from) = cache
+        .steal(1, 100, StreamId(0), 256, true)
+        .expect("every shard once more threads than shards were seen");
+    assert_eq!(from, 6);
 }

@@ -34,7 +34,7 @@ use crate::backend::{DeviceAddress, Fence};
 use crate::error::PoolError;
 use crate::kind::{MemoryKind, StreamId};
 use crate::pool_manager::{Allocation, PoolManager, Record, Route, Target};
-use crate::pools::pending::Pending;
+use crate::pools::pending::{LateFence, Pending};
 
 #[derive(Default)]
 struct BufferGates {
@@ -385,9 +385,13 @@ impl<T> PooledBuffer<T> {
             match streams.record_fence(stream) {
                 Ok(fence) => fences.push(fence),
                 Err(error) => {
-                    // Without a fence the block could be reused too early: wait instead.
+                    // Without a fence the block could be reused too early: wait instead. A
+                    // failed wait proves nothing: the fence is then recorded later.
                     tracing::warn!(?error, "record_fence failed at drop; synchronising");
-                    let _ = streams.synchronize();
+                    if let Err(error) = streams.synchronize() {
+                        tracing::warn!(?error, "synchronize failed too; fencing later");
+                        fences.push(Arc::new(LateFence::new(backend.clone(), stream)));
+                    }
                 }
             }
         }

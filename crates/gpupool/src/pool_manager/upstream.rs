@@ -66,16 +66,28 @@ impl<O> Upstream<O> {
         for mut record in blocks {
             report.blocks += 1;
             report.bytes += record.block.bytes() as u64;
+            let mut waited = false;
             if !record.pending.is_idle() && !record.pending.has_stream_fence() {
                 let stream = record.pending.stream;
                 match self.stream_fence(stream, &mut stream_fences) {
                     Some(fence) => record
                         .pending
                         .set_stream_fence(StreamFence::recorded(fence)),
-                    None => record.pending.clear_gates(),
+                    // No fence: wait for the device instead. A wait that failed proves nothing
+                    // about the block's work, so the block is deferred unfenced then, and
+                    // `reap` fences it later.
+                    None => match self.backend.wait_for_all() {
+                        Ok(()) => {
+                            record.pending.clear_gates();
+                            waited = true;
+                        }
+                        Err(error) => {
+                            tracing::warn!(?error, "no fence and no wait for a release; deferred");
+                        }
+                    },
                 }
             }
-            if record.pending.gates.is_none() || record.pending.is_idle() {
+            if waited || record.pending.is_idle() {
                 self.release_now(record.into_block());
             } else {
                 // A deferred block keeps no pool reference: the pool's own drop releases it.
@@ -91,8 +103,7 @@ impl<O> Upstream<O> {
         report
     }
 
-    /// A fence on `stream`, recorded once per release batch; `None` after synchronising the
-    /// device when no fence could be recorded.
+    /// A fence on `stream`, recorded once per batch; `None` when none could be recorded.
     fn stream_fence(
         &self,
         stream: StreamId,
@@ -107,8 +118,7 @@ impl<O> Upstream<O> {
                 Some(fence)
             }
             Err(error) => {
-                tracing::warn!(?error, "no fence for a release; synchronising");
-                let _ = self.backend.wait_for_all();
+                tracing::warn!(?error, "no fence for a release");
                 None
             }
         }
@@ -141,21 +151,41 @@ impl<O> Upstream<O> {
             }
             return;
         }
-        let ready: Vec<IdleBlock<O>> = {
+        let (ready, mut unfenced): (Vec<IdleBlock<O>>, Vec<IdleBlock<O>>) = {
             let mut list = self.deferred_list();
             let mut ready = Vec::new();
+            let mut unfenced = Vec::new();
             for mut record in std::mem::take(&mut *list) {
                 if record.pending.is_idle() {
                     ready.push(record);
+                } else if !record.pending.has_stream_fence() {
+                    unfenced.push(record);
                 } else {
                     list.push(record);
                 }
             }
-            self.deferred_count.store(list.len(), Ordering::Relaxed);
-            ready
+            self.deferred_count
+                .store(list.len() + unfenced.len(), Ordering::Relaxed);
+            (ready, unfenced)
         };
         for record in ready {
             self.release_now(record.into_block());
+        }
+        // Deferred when neither a fence nor a wait could be had: fenced now, with no lock held
+        // (a fence recorded later covers more work, so it is as safe); without one they wait
+        // for the next reap.
+        if !unfenced.is_empty() {
+            let mut fences = Vec::new();
+            for record in &mut unfenced {
+                if let Some(fence) = self.stream_fence(record.pending.stream, &mut fences) {
+                    record
+                        .pending
+                        .set_stream_fence(StreamFence::recorded(fence));
+                }
+            }
+            let mut list = self.deferred_list();
+            list.append(&mut unfenced);
+            self.deferred_count.store(list.len(), Ordering::Relaxed);
         }
     }
 

@@ -30,7 +30,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{CompletedFence, Fence};
+use crate::backend::{Backend, CompletedFence, Fence};
 use crate::kind::StreamId;
 use crate::sync::Mutex;
 
@@ -96,6 +96,41 @@ impl StreamFence {
     /// Whether the promise was given up.
     pub fn is_abandoned(&self) -> bool {
         matches!(*self.state(), Promise::Abandoned)
+    }
+}
+
+/// A fence on `stream` that could be neither recorded when its block was dropped nor replaced
+/// by a wait for the device (both failed): it is recorded at the first query that can (a fence
+/// recorded later covers more work, so it is as safe) and counts as incomplete until then. A
+/// failed wait proves nothing about the GPU's progress, so nothing else may stand in for it.
+pub(crate) struct LateFence {
+    backend: Arc<dyn Backend>,
+    stream: StreamId,
+    recorded: Mutex<Option<Arc<dyn Fence>>>,
+}
+
+impl LateFence {
+    /// A fence on `stream` of `backend`, to be recorded later.
+    pub fn new(backend: Arc<dyn Backend>, stream: StreamId) -> LateFence {
+        LateFence {
+            backend,
+            stream,
+            recorded: Mutex::new(None),
+        }
+    }
+}
+
+impl Fence for LateFence {
+    /// Recording is a driver call that does not wait (rare: only after two failures).
+    fn is_complete(&self) -> bool {
+        let mut recorded = self
+            .recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recorded.is_none() {
+            *recorded = self.backend.fence_after(self.stream).ok();
+        }
+        recorded.as_ref().is_some_and(|fence| fence.is_complete())
     }
 }
 

@@ -611,3 +611,142 @@ fn a_request_above_the_whole_budget_keeps_the_cache() {
     assert_eq!(stats.totals.cached_bytes, 0, "released to make room");
     drop(fits_after_release);
 }
+
+/// A sim device whose fence recordings and waits fail while `failing` is set, whose queued work
+/// runs until `finish` (its fences complete then, as after a successful wait), and which
+/// counts the releases made while that work ran.
+#[derive(Clone, Default)]
+struct BrokenWaits {
+    sim: SimBackend,
+    failing: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
+    fences: Arc<std::sync::Mutex<Vec<Arc<ManualFence>>>>,
+    early_releases: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BrokenWaits {
+    /// The GPU finishes its work: every fence recorded so far completes.
+    fn finish(&self) {
+        self.running.store(false, Ordering::SeqCst);
+        for fence in self.fences.lock().unwrap().drain(..) {
+            fence.0.store(true, Ordering::Release);
+        }
+    }
+
+    fn wait(&self) -> Result<(), BackendError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackendError::Driver("injected: wait failed".into()));
+        }
+        self.finish();
+        Ok(())
+    }
+}
+
+impl Backend for BrokenWaits {
+    fn name(&self) -> &str {
+        "broken-waits"
+    }
+    fn kinds(&self) -> &[MemoryKind] {
+        self.sim.kinds()
+    }
+    fn allocate(&self, bytes: usize, kind: MemoryKind) -> Result<Block, BackendError> {
+        self.sim.allocate(bytes, kind)
+    }
+    fn release(&self, block: Block) {
+        if self.running.load(Ordering::SeqCst) {
+            self.early_releases.fetch_add(1, Ordering::SeqCst);
+        }
+        self.sim.release(block)
+    }
+    fn stream_ordered(&self) -> Option<&dyn StreamOrdered> {
+        Some(self)
+    }
+}
+
+impl StreamOrdered for BrokenWaits {
+    fn record_fence(&self, _stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackendError::Driver("injected: no fence".into()));
+        }
+        let fence = Arc::new(ManualFence(AtomicBool::new(
+            !self.running.load(Ordering::SeqCst),
+        )));
+        self.fences.lock().unwrap().push(fence.clone());
+        Ok(fence)
+    }
+    fn synchronize(&self) -> Result<(), BackendError> {
+        self.wait()
+    }
+    fn wait_for_stream(&self, _stream: StreamId) -> Result<(), BackendError> {
+        self.wait()
+    }
+}
+
+fn broken_waits_manager() -> (MemoryManager, BrokenWaits) {
+    let device = BrokenWaits::default();
+    let config = defaults()
+        .maintenance_interval(Duration::ZERO)
+        .build()
+        .unwrap();
+    let manager = MemoryManager::with_config(device.clone(), config).unwrap();
+    (manager, device)
+}
+
+/// A trimmed block whose work was still running went back to the device when no fence could
+/// be recorded for it and the wait that stood in for the fence failed too: the pool ignored
+/// the failed wait. Now the block stays deferred, gets its fence at a later reap, and goes
+/// back once that fence completes (the stress found it with failing waits injected).
+#[test]
+fn a_release_whose_fence_and_wait_both_fail_waits_for_a_later_fence() {
+    let (manager, device) = broken_waits_manager();
+    drop(manager.allocate::<u8>(4096).unwrap());
+    device.running.store(true, Ordering::SeqCst); // kernels using the block still run
+    device.failing.store(true, Ordering::SeqCst);
+    manager.trim(TrimLevel::Aggressive);
+    assert_eq!(device.early_releases.load(Ordering::SeqCst), 0);
+    assert_eq!(manager.stats().totals.pending_release_blocks, 1);
+    device.failing.store(false, Ordering::SeqCst);
+    manager.trim(TrimLevel::Aggressive); // the deferred block gets its fence
+    assert_eq!(manager.stats().totals.pending_release_blocks, 1);
+    assert_eq!(device.sim.counters().live_allocations, 1);
+    device.finish();
+    manager.trim(TrimLevel::Aggressive);
+    assert_eq!(manager.stats().totals.pending_release_blocks, 0);
+    let ledger = device.sim.counters();
+    assert_eq!((ledger.live_allocations, ledger.invalid_releases), (0, 0));
+    assert_eq!(device.early_releases.load(Ordering::SeqCst), 0);
+}
+
+/// A buffer used on a second stream (`record_stream`) is dropped when no fence can be recorded
+/// on that stream and the wait that stands in for it fails: the pool ignored the failed wait
+/// and handed the block out again on its own stream while the second stream's work still ran.
+/// Now a fence on that stream is recorded later, and the block waits for it.
+#[test]
+fn a_recorded_stream_whose_fence_and_wait_fail_at_drop_holds_the_block_back() {
+    let (manager, device) = broken_waits_manager();
+    let mut buffer = manager.allocate::<u8>(4096).unwrap();
+    let address = buffer.device_address();
+    buffer.record_stream(StreamId(1));
+    device.running.store(true, Ordering::SeqCst);
+    device.failing.store(true, Ordering::SeqCst);
+    drop(buffer);
+    device.failing.store(false, Ordering::SeqCst);
+    let meanwhile = manager.allocate::<u8>(4096).unwrap();
+    assert_ne!(
+        meanwhile.device_address(),
+        address,
+        "handed out while the recorded stream's work runs"
+    );
+    device.finish();
+    let again = manager.allocate::<u8>(4096).unwrap();
+    assert_eq!(
+        again.device_address(),
+        address,
+        "usable once its fence completed"
+    );
+    drop((meanwhile, again));
+    manager.trim(TrimLevel::Aggressive);
+    manager.trim(TrimLevel::Aggressive);
+    assert_eq!(device.sim.counters().live_allocations, 0);
+    assert_eq!(device.early_releases.load(Ordering::SeqCst), 0);
+}

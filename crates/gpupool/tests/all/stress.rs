@@ -20,7 +20,13 @@
 //!   overlaps no other live buffer of its device (a concurrent interval map, checked on each
 //!   insertion);
 //! - every failed allocation or prewarm is a clean error of a kind the setup can produce
-//!   (never a panic: a panicking worker is reported as a violation);
+//!   (never a panic: a panicking worker is reported as a violation), and so is every refused
+//!   host access (only when its wait for the stream failed);
+//! - on asynchronous devices, against a model of the work queued on each stream
+//!   ([`StreamWork`]): no block is released or unmapped, handed out on another stream, or read
+//!   by the host after its first access waited for its stream, while work of a previous owner
+//!   may still use it (except as the manager drops: after a failed wait it releases everything
+//!   all the same, by design);
 //! - on host-visible memory, every buffer carries a pattern derived from its owner (thread,
 //!   sequence number) from allocation to drop, and with `zero_on_reuse` every buffer starts
 //!   zeroed.
@@ -34,7 +40,9 @@
 //! [`HostDevice`]: host memory with the sim's ledger, injected faults and asynchronous fences
 //! rebuilt around it. The sim runs carry virtual memory and the device's capacity. The sim
 //! injects faults only into allocations and mappings; [`FlakyFences`] wraps either device to
-//! make fence recordings fail too (the pool must then synchronise or record later).
+//! make fence recordings, `synchronize` and `wait_for_stream` fail too (the pool must then
+//! synchronise, record later, keep blocks deferred or refuse host access; a failed wait waits
+//! for nothing, and the work it was for stays unfinished in the model).
 //!
 //! `stress_*` tests run in CI in a few seconds; `stress_long` (ignored) is the long run,
 //! parameterised by `GPUPOOL_STRESS_THREADS` (default 16), `GPUPOOL_STRESS_OPS` (operations
@@ -132,7 +140,8 @@ struct Setup {
     capacity: u64,
     /// Chance that a device allocation (or mapping) fails, injected.
     fault_probability: f64,
-    /// Chance that recording a fence fails, injected (the pool synchronises instead).
+    /// Chance that recording a fence (the pool synchronises instead), a `synchronize` or a
+    /// `wait_for_stream` fails, injected, each ([`FlakyFences`]).
     fence_fault_probability: f64,
     fault_kind: FaultKind,
     virtual_memory: bool,
@@ -184,8 +193,8 @@ impl Setup {
     }
 
     /// Two sim devices with a budget each, virtual memory (reclaiming at the peak), 2 % of
-    /// allocations and mappings failing as out of memory, 2 % of fence recordings failing,
-    /// tight idle caps, background maintenance.
+    /// allocations and mappings failing as out of memory, 2 % of fence recordings and waits
+    /// failing, tight idle caps, background maintenance.
     fn budget_faults_virtual_memory() -> Setup {
         Setup {
             devices: 2,
@@ -236,8 +245,8 @@ impl Setup {
         }
     }
 
-    /// Host memory (data checks) with a budget, zeroing, 2 % driver faults on allocations and
-    /// fence recordings, background maintenance.
+    /// Host memory (data checks) with a budget, zeroing, 2 % driver faults on allocations,
+    /// fence recordings and waits (host accesses too), background maintenance.
     fn host_data() -> Setup {
         Setup {
             budget: Some(160 * MIB as u64),
@@ -296,6 +305,10 @@ struct Ledger {
     invalid_releases: u64,
     /// Fence recordings refused, injected.
     fence_faults: u64,
+    /// Device-wide waits (`synchronize`) failed, injected: nothing was waited for.
+    sync_faults: u64,
+    /// Waits for one stream (`wait_for_stream`) failed, injected: nothing was waited for.
+    stream_wait_faults: u64,
 }
 
 /// What the stress needs of a device besides the [`Backend`].
@@ -304,6 +317,11 @@ trait Device: Backend + Clone {
     /// The simulated GPU catches up: every fence recorded so far completes.
     fn complete_fences(&self);
     fn ledger(&self) -> Ledger;
+    /// The model of the device's queued work, for an asynchronous device whose fences and
+    /// waits go through it ([`FlakyFences`]).
+    fn work(&self) -> Option<&StreamWork> {
+        None
+    }
 }
 
 impl Device for SimBackend {
@@ -341,7 +359,7 @@ impl Device for SimBackend {
             live_allocations: counters.live_allocations,
             live_bytes: counters.live_bytes,
             invalid_releases: counters.invalid_releases,
-            fence_faults: 0,
+            ..Ledger::default()
         }
     }
 }
@@ -516,36 +534,90 @@ impl StreamOrdered for HostDevice {
     }
 }
 
-/// A device whose fence recordings fail now and then (neither device injects those): every
-/// place the pool records a fence must fall back (synchronise, keep the block, record later)
-/// without losing a block or handing one out early. Everything else goes to the device.
+/// A device whose fence recordings, device-wide waits and stream waits fail now and then
+/// (neither device injects those), each with `fence_fault_probability`: every place the pool
+/// records a fence must fall back (synchronise, keep the block, record later), and every
+/// place it waits must treat a failed wait as no wait at all (keep the block deferred, refuse
+/// host access with an error), without losing a block or handing one out early. A failed wait
+/// waits for nothing: the work stays unfinished in the model ([`StreamWork`]) and the device's
+/// fences stay incomplete. Everything else goes to the device; releases and unmaps are checked
+/// against the model first.
 #[derive(Clone)]
 struct FlakyFences<D> {
     inner: D,
     probability: f64,
     random: Arc<Mutex<SplitMix64>>,
-    faults: Arc<AtomicU64>,
+    faults: Arc<InjectedFaults>,
+    /// The model of the device's queued work; `None` for a synchronous device (no streams).
+    work: Option<Arc<StreamWork>>,
+}
+
+/// Faults [`FlakyFences`] injected, by call.
+#[derive(Default)]
+struct InjectedFaults {
+    fences: AtomicU64,
+    synchronizations: AtomicU64,
+    stream_waits: AtomicU64,
+}
+
+impl<D: Device> FlakyFences<D> {
+    /// Whether this call fails (counted in `count`).
+    fn inject(&self, count: &AtomicU64) -> bool {
+        if self.probability <= 0.0 {
+            return false;
+        }
+        let draw = (lock(&self.random).next() >> 11) as f64 / (1u64 << 53) as f64;
+        let fails = draw < self.probability;
+        if fails {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        fails
+    }
+
+    /// Checks a release or unmap of `[start, start + bytes)` against the model.
+    fn releasing(&self, start: u64, bytes: usize, what: &str) {
+        if let Some(work) = &self.work {
+            work.released(start, bytes, what);
+        }
+    }
 }
 
 impl<D: Device> Device for FlakyFences<D> {
     fn build(setup: &Setup, index: usize) -> Self {
+        let inner = D::build(setup, index);
+        let work = inner
+            .stream_ordered()
+            .is_some()
+            .then(|| Arc::new(StreamWork::new()));
         FlakyFences {
-            inner: D::build(setup, index),
+            inner,
             probability: setup.fence_fault_probability,
             random: Arc::new(Mutex::new(SplitMix64::new(!setup.seed ^ index as u64))),
             faults: Arc::default(),
+            work,
         }
     }
 
+    /// The model's work finishes first, so a fence the device completes is never complete
+    /// before the work it covers has finished in the model.
     fn complete_fences(&self) {
+        if let Some(work) = &self.work {
+            work.finish_all();
+        }
         self.inner.complete_fences();
     }
 
     fn ledger(&self) -> Ledger {
         Ledger {
-            fence_faults: self.faults.load(Ordering::Relaxed),
+            fence_faults: self.faults.fences.load(Ordering::Relaxed),
+            sync_faults: self.faults.synchronizations.load(Ordering::Relaxed),
+            stream_wait_faults: self.faults.stream_waits.load(Ordering::Relaxed),
             ..self.inner.ledger()
         }
+    }
+
+    fn work(&self) -> Option<&StreamWork> {
+        self.work.as_deref()
     }
 }
 
@@ -560,6 +632,7 @@ impl<D: Device> Backend for FlakyFences<D> {
         self.inner.allocate(bytes, kind)
     }
     fn release(&self, block: Block) {
+        self.releasing(block.device_address(), block.bytes(), "block");
         self.inner.release(block)
     }
     fn memory_info(&self) -> Option<MemoryInfo> {
@@ -574,31 +647,296 @@ impl<D: Device> Backend for FlakyFences<D> {
         self.inner.zeroing()
     }
     fn virtual_memory(&self) -> Option<&dyn VirtualMemory> {
-        self.inner.virtual_memory()
+        self.inner
+            .virtual_memory()
+            .map(|_| self as &dyn VirtualMemory)
+    }
+}
+
+impl<D: Device> VirtualMemory for FlakyFences<D> {
+    fn granularity(&self) -> usize {
+        self.memory().granularity()
+    }
+    fn reserve(&self, bytes: usize) -> Result<Block, BackendError> {
+        self.memory().reserve(bytes)
+    }
+    fn unreserve(&self, reservation: Block) {
+        self.releasing(
+            reservation.device_address(),
+            reservation.bytes(),
+            "reservation",
+        );
+        self.memory().unreserve(reservation)
+    }
+    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
+        self.memory().map(address, bytes)
+    }
+    fn unmap(&self, address: u64, bytes: usize) {
+        self.releasing(address, bytes, "mapping");
+        self.memory().unmap(address, bytes)
+    }
+}
+
+impl<D: Device> FlakyFences<D> {
+    fn memory(&self) -> &dyn VirtualMemory {
+        self.inner.virtual_memory().expect("virtual memory")
+    }
+
+    fn streams(&self) -> (&dyn StreamOrdered, &StreamWork) {
+        let streams = self.inner.stream_ordered().expect("asynchronous device");
+        let work = self.work.as_deref().expect("asynchronous device");
+        (streams, work)
     }
 }
 
 impl<D: Device> StreamOrdered for FlakyFences<D> {
     fn record_fence(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
-        let streams = self.inner.stream_ordered().expect("asynchronous device");
-        if self.probability > 0.0 {
-            let draw = (lock(&self.random).next() >> 11) as f64 / (1u64 << 53) as f64;
-            if draw < self.probability {
-                self.faults.fetch_add(1, Ordering::Relaxed);
-                return Err(BackendError::Driver("injected fence fault".into()));
-            }
+        let (streams, work) = self.streams();
+        if self.inject(&self.faults.fences) {
+            return Err(BackendError::Driver("injected fence fault".into()));
         }
-        streams.record_fence(stream)
+        // Read before the device's fence exists: the fence covers the work queued before it.
+        let recorded_at = work.now();
+        let inner = streams.record_fence(stream)?;
+        Ok(Arc::new(WorkFence {
+            inner,
+            work: self.work.clone().expect("asynchronous device"),
+            stream,
+            recorded_at,
+        }))
     }
 
+    /// A failed wait waits for nothing: no work finishes, no fence completes.
     fn synchronize(&self) -> Result<(), BackendError> {
-        let streams = self.inner.stream_ordered().expect("asynchronous device");
+        let (streams, work) = self.streams();
+        if self.inject(&self.faults.synchronizations) {
+            return Err(BackendError::Driver("injected synchronize fault".into()));
+        }
+        work.finish_all();
         streams.synchronize()
     }
 
     fn wait_for_stream(&self, stream: StreamId) -> Result<(), BackendError> {
-        let streams = self.inner.stream_ordered().expect("asynchronous device");
-        streams.wait_for_stream(stream)
+        let (streams, work) = self.streams();
+        if self.inject(&self.faults.stream_waits) {
+            return Err(BackendError::Driver("injected stream-wait fault".into()));
+        }
+        streams.wait_for_stream(stream)?;
+        work.finish(stream);
+        Ok(())
+    }
+}
+
+/// A fence of a [`FlakyFences`] device: complete once the device completed it and the work
+/// queued on its stream before it was recorded has finished in the model.
+struct WorkFence {
+    inner: Arc<dyn Fence>,
+    work: Arc<StreamWork>,
+    stream: StreamId,
+    recorded_at: u64,
+}
+
+impl Fence for WorkFence {
+    fn is_complete(&self) -> bool {
+        self.work.is_finished(self.stream, self.recorded_at) && self.inner.is_complete()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GPU's work, as the stress models it.
+
+/// The work queued on the streams of one asynchronous device, as the stress models it: the
+/// devices hold no real GPU work, so without it neither the data checks nor the ledgers could
+/// see a block released, or handed to another stream, while work of its previous owner may
+/// still use it (after a failed wait, say).
+///
+/// A logical clock orders the events. A buffer's work is queued on its own stream and on the
+/// streams recorded on it until its drop, and on the stream of each fence it was declared
+/// `used_by` until that fence was recorded: at its drop each becomes a busy range (block,
+/// stream, tick). Work finishes when the "GPU" thread completes the fences or a `synchronize`
+/// succeeds (every stream), or a `wait_for_stream` succeeds (that stream): the event takes the
+/// next tick and marks the streams finished up to it. A failed wait finishes nothing.
+///
+/// Checked against it: a block released or unmapped (busy ranges on it must have finished,
+/// except as the manager drops: `Upstream::release_all_at_end`), a block handed out (busy
+/// ranges of other streams must have finished; its own stream's work runs in order before the
+/// new owner's) and a buffer's first host access (every busy range must have finished: the
+/// access waited for its stream). The device's fences complete only after the work before
+/// them has finished in the model, so whatever the pool bases on a fence or a successful wait
+/// never looks early here.
+struct StreamWork {
+    clock: AtomicU64,
+    /// Per stream, the tick of the last event that finished its work: the work queued before
+    /// that tick is done.
+    finished: Vec<AtomicU64>,
+    busy: Mutex<BusyRanges>,
+    /// Set as the manager drops: when its last wait fails it releases everything all the same.
+    ending: AtomicBool,
+    /// Releases and unmaps the model saw too early (reported by the pool's own calls, so kept
+    /// here until the run collects them).
+    violations: Violations,
+    /// Releases and unmaps checked.
+    release_checks: AtomicU64,
+    /// Busy releases as the manager dropped after a failed wait (accepted).
+    busy_at_end: AtomicU64,
+}
+
+/// The busy ranges of a device, by start address and a sequence number (ranges of several
+/// owners may overlap: a block reused on its stream while its work still runs).
+#[derive(Default)]
+struct BusyRanges {
+    ranges: BTreeMap<(u64, u64), Busy>,
+    next: u64,
+    /// The longest range queued: a range that overlaps `[start, end)` starts after
+    /// `start - longest`.
+    longest: u64,
+}
+
+/// Work that uses `[start, end)` (the key's start), queued on `stream` before tick
+/// `queued_before`, by the buffer of `owner`, on its stream or `why` there.
+#[derive(Clone, Copy, Debug)]
+struct Busy {
+    end: u64,
+    stream: StreamId,
+    queued_before: u64,
+    owner: Owner,
+    why: Why,
+}
+
+/// Why a buffer's work ran on a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// The buffer's own stream.
+    Own,
+    /// A stream recorded on it (`record_stream`).
+    Recorded,
+    /// The stream of a fence it was declared `used_by`.
+    UsedBy,
+}
+
+impl StreamWork {
+    fn new() -> StreamWork {
+        StreamWork {
+            clock: AtomicU64::new(0),
+            finished: (0..STREAMS).map(|_| AtomicU64::new(0)).collect(),
+            busy: Mutex::default(),
+            ending: AtomicBool::new(false),
+            violations: Violations::default(),
+            release_checks: AtomicU64::new(0),
+            busy_at_end: AtomicU64::new(0),
+        }
+    }
+
+    /// The tick now: work queued from here on is not finished by the events before.
+    fn now(&self) -> u64 {
+        self.clock.load(Ordering::SeqCst)
+    }
+
+    fn finished_tick(&self, stream: StreamId) -> &AtomicU64 {
+        self.finished
+            .get(stream.0 as usize)
+            .unwrap_or_else(|| panic!("{stream:?} is not one of the stress's {STREAMS} streams"))
+    }
+
+    /// Whether the work queued on `stream` before tick `queued_before` has finished.
+    fn is_finished(&self, stream: StreamId, queued_before: u64) -> bool {
+        self.finished_tick(stream).load(Ordering::SeqCst) > queued_before
+    }
+
+    /// A wait for `stream` succeeded: the work queued on it so far has finished.
+    fn finish(&self, stream: StreamId) {
+        let tick = self.clock.fetch_add(1, Ordering::SeqCst) + 1;
+        self.finished_tick(stream).fetch_max(tick, Ordering::SeqCst);
+    }
+
+    /// The GPU caught up, or the device was synchronised: all work queued so far has finished.
+    fn finish_all(&self) {
+        let tick = self.clock.fetch_add(1, Ordering::SeqCst) + 1;
+        for finished in &self.finished {
+            finished.fetch_max(tick, Ordering::SeqCst);
+        }
+        lock(&self.busy)
+            .ranges
+            .retain(|_, busy| !self.is_finished(busy.stream, busy.queued_before));
+    }
+
+    /// Work of `owner` on `stream`, queued before tick `queued_before`, uses `[start, end)`.
+    fn queue(
+        &self,
+        start: u64,
+        end: u64,
+        (stream, why): (StreamId, Why),
+        queued_before: u64,
+        owner: Owner,
+    ) {
+        let mut busy = lock(&self.busy);
+        let key = (start, busy.next);
+        busy.next += 1;
+        busy.longest = busy.longest.max(end - start);
+        busy.ranges.insert(
+            key,
+            Busy {
+                end,
+                stream,
+                queued_before,
+                owner,
+                why,
+            },
+        );
+    }
+
+    /// Unfinished work on `[start, end)` that `counts`, with its start.
+    fn unfinished(
+        &self,
+        start: u64,
+        end: u64,
+        counts: impl Fn(&Busy) -> bool,
+    ) -> Option<(u64, Busy)> {
+        let busy = lock(&self.busy);
+        let from = start.saturating_sub(busy.longest);
+        busy.ranges
+            .range((from, 0)..(end, 0))
+            .find(|(_, work)| {
+                work.end > start
+                    && counts(work)
+                    && !self.is_finished(work.stream, work.queued_before)
+            })
+            .map(|(&(at, _), work)| (at, *work))
+    }
+
+    /// The device releases (or unmaps) `[start, start + bytes)`.
+    fn released(&self, start: u64, bytes: usize, what: &str) {
+        self.release_checks.fetch_add(1, Ordering::Relaxed);
+        let Some((at, work)) = self.unfinished(start, start + bytes as u64, |_| true) else {
+            return;
+        };
+        if self.ending.load(Ordering::SeqCst) {
+            self.busy_at_end.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Printed when the run collects it (`Violations::absorb`).
+            self.violations.keep(
+                format!(
+                    "{what} [{start:#x}, +{bytes}) released while {}",
+                    work.describe(at)
+                ),
+                false,
+            );
+        }
+    }
+}
+
+impl Busy {
+    fn describe(&self, start: u64) -> String {
+        let why = match self.why {
+            Why::Own => "its own stream",
+            Why::Recorded => "recorded on it",
+            Why::UsedBy => "a used_by fence's",
+        };
+        format!(
+            "work of {} on {:?} ({why}; queued before tick {}) on [{start:#x}, {:#x}) has not \
+             finished",
+            self.owner, self.stream, self.queued_before, self.end
+        )
     }
 }
 
@@ -614,16 +952,33 @@ pub(crate) struct Violations {
 
 impl Violations {
     pub(crate) fn report(&self, message: String) {
+        self.keep(message, true);
+    }
+
+    /// Counts a violation and keeps its message if it is among the first, printed or not.
+    fn keep(&self, message: String, print: bool) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut first = lock(&self.first);
         if first.len() < KEPT_VIOLATIONS {
-            eprintln!("stress violation: {message}");
+            if print {
+                eprintln!("stress violation: {message}");
+            }
             first.push(message);
         }
     }
 
     pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Adds `other`'s violations (their kept messages with `prefix`, and their count).
+    fn absorb(&self, other: &Violations, prefix: &str) {
+        let kept = lock(&other.first).clone();
+        for message in &kept {
+            self.report(format!("{prefix}{message}"));
+        }
+        self.count
+            .fetch_add(other.count() - kept.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -649,6 +1004,10 @@ struct Live {
     tracked: bool,
     /// Where its pattern starts in its owner's template; `None` without host memory.
     pattern_offset: Option<usize>,
+    /// Streams recorded on it (`record_stream`): its work runs there too until its drop.
+    extra_streams: Vec<StreamId>,
+    /// Fences it was declared `used_by`: work on their stream, queued before the tick.
+    used_by: Vec<(StreamId, u64)>,
 }
 
 /// Live `[start, end)` ranges of one device, by start.
@@ -679,6 +1038,10 @@ struct Counts {
     pattern_checks: u64,
     zero_checks: u64,
     bytes_checked: u64,
+    /// Host accesses refused with a clean error (their stream wait failed).
+    host_access_refused: u64,
+    /// Blocks handed out and first host accesses checked against the model of queued work.
+    work_checks: u64,
 }
 
 impl Counts {
@@ -705,6 +1068,8 @@ impl Counts {
         self.pattern_checks += other.pattern_checks;
         self.zero_checks += other.zero_checks;
         self.bytes_checked += other.bytes_checked;
+        self.host_access_refused += other.host_access_refused;
+        self.work_checks += other.work_checks;
     }
 }
 
@@ -888,7 +1253,8 @@ impl<D: Device> Shared<D> {
         }
     }
 
-    /// Writes the owner's pattern into a new host-visible buffer.
+    /// Writes the owner's pattern into a new host-visible buffer (the first host access was
+    /// made already).
     fn write_pattern(&self, live: &mut Live, offset: usize) -> Result<(), PoolError> {
         let template = &self.templates[live.owner.thread as usize];
         let bytes = live.buffer.as_mut_slice()?;
@@ -945,6 +1311,7 @@ impl<D: Device> Shared<D> {
     }
 
     /// With `zero_on_reuse`, a new host-visible buffer must read zero where it will be checked.
+    /// (The first host access was made already.)
     fn check_zeroed(&self, live: &Live, counts: &mut Counts) {
         counts.zero_checks += 1;
         let bytes = match live.buffer.as_slice() {
@@ -978,14 +1345,98 @@ impl<D: Device> Shared<D> {
         }
     }
 
-    /// Checks a buffer's contents and range, and drops it.
+    /// Checks a buffer's contents and range, and drops it; its work is queued in the model
+    /// first (before the drop, so no new owner can come before it).
     fn retire(&self, live: Live, counts: &mut Counts) {
         self.check_pattern(&live, counts);
         if live.tracked {
             self.remove_interval(&live);
         }
+        if let Some(work) = self.devices[live.device].work() {
+            let start = live.buffer.device_address();
+            let end = start + live.buffer.block_bytes() as u64;
+            let now = work.now();
+            let own = ((live.buffer.stream(), Why::Own), now);
+            let recorded = live
+                .extra_streams
+                .into_iter()
+                .map(|stream| ((stream, Why::Recorded), now));
+            let used_by = live
+                .used_by
+                .into_iter()
+                .map(|(stream, queued_before)| ((stream, Why::UsedBy), queued_before));
+            for (on, queued_before) in std::iter::once(own).chain(recorded).chain(used_by) {
+                work.queue(start, end, on, queued_before, live.owner);
+            }
+        }
         counts.drops += 1;
         drop(live.buffer);
+    }
+
+    /// A new buffer's first host access, which waits for its stream: `false` when the wait
+    /// failed (injected: a clean error, tried twice) or the access failed otherwise (a
+    /// violation). Once it succeeded, the work of the block's previous owners must have
+    /// finished.
+    fn first_host_access(&self, live: &Live, counts: &mut Counts) -> bool {
+        for _ in 0..2 {
+            match live.buffer.as_slice() {
+                Ok(_) => {
+                    self.check_host_access(live, counts);
+                    return true;
+                }
+                Err(PoolError::Backend { message, .. })
+                    if message.contains("injected stream-wait fault") =>
+                {
+                    counts.host_access_refused += 1;
+                }
+                Err(error) => {
+                    self.violations
+                        .report(format!("{}: host access failed: {error}", live.owner));
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// After a host access waited for the buffer's stream: no work of a previous owner may
+    /// still use the block.
+    fn check_host_access(&self, live: &Live, counts: &mut Counts) {
+        let Some(work) = self.devices[live.device].work() else {
+            return;
+        };
+        counts.work_checks += 1;
+        let start = live.buffer.device_address();
+        let end = start + live.buffer.block_bytes() as u64;
+        if let Some((at, busy)) = work.unfinished(start, end, |_| true) {
+            self.violations.report(format!(
+                "{}: device {}: host access to [{start:#x}, {end:#x}) on {:?} while {}",
+                live.owner,
+                live.device,
+                live.buffer.stream(),
+                busy.describe(at)
+            ));
+        }
+    }
+
+    /// A block handed out on its stream: no work of a previous owner on another stream may
+    /// still use it (work on its own stream runs before the new owner's, in order).
+    fn check_handed_out(&self, live: &Live, counts: &mut Counts) {
+        let Some(work) = self.devices[live.device].work() else {
+            return;
+        };
+        counts.work_checks += 1;
+        let stream = live.buffer.stream();
+        let start = live.buffer.device_address();
+        let end = start + live.buffer.block_bytes() as u64;
+        if let Some((at, busy)) = work.unfinished(start, end, |busy| busy.stream != stream) {
+            self.violations.report(format!(
+                "{}: device {}: [{start:#x}, {end:#x}) handed out on {stream:?} while {}",
+                live.owner,
+                live.device,
+                busy.describe(at)
+            ));
+        }
     }
 }
 
@@ -1268,9 +1719,12 @@ fn allocate<D: Device>(
         owner,
         tracked: false,
         pattern_offset: None,
+        extra_streams: Vec::new(),
+        used_by: Vec::new(),
     };
     live.tracked = shared.insert_interval(&live, counts);
-    if live.tracked && live.buffer.host_ptr().is_some() {
+    shared.check_handed_out(&live, counts);
+    if live.tracked && live.buffer.host_ptr().is_some() && shared.first_host_access(&live, counts) {
         if setup.zero_on_reuse {
             shared.check_zeroed(&live, counts);
         }
@@ -1339,8 +1793,12 @@ fn worker<D: Device>(shared: &Shared<D>, manager: MemoryManager, thread: usize) 
                     counts.record_streams += 1;
                     let index = random.below(live.len());
                     let own = live[index].buffer.stream().0;
-                    let other = (own + 1 + random.below(STREAMS as usize - 1) as u64) % STREAMS;
-                    live[index].buffer.record_stream(StreamId(other));
+                    let other =
+                        StreamId((own + 1 + random.below(STREAMS as usize - 1) as u64) % STREAMS);
+                    live[index].buffer.record_stream(other);
+                    if !live[index].extra_streams.contains(&other) {
+                        live[index].extra_streams.push(other);
+                    }
                 }
             }
             9_200..9_300 => {
@@ -1350,10 +1808,12 @@ fn worker<D: Device>(shared: &Shared<D>, manager: MemoryManager, thread: usize) 
                     let device = &shared.devices[live[index].device];
                     if let Some(streams) = device.stream_ordered() {
                         let stream = StreamId(random.below(STREAMS as usize) as u64);
+                        let queued_before = device.work().map_or(0, StreamWork::now);
                         // An injected fence fault: the work is not queued, nothing to declare.
                         if let Ok(fence) = streams.record_fence(stream) {
                             counts.fences_used += 1;
                             live[index].buffer.used_by(fence);
+                            live[index].used_by.push((stream, queued_before));
                         }
                     }
                 }
@@ -1531,9 +1991,19 @@ struct Report {
     ledger: Ledger,
     counts: Counts,
     sampler: SamplerCounts,
+    work: WorkFigures,
     gpu_rounds: u64,
     violations: u64,
     first_violations: Vec<String>,
+}
+
+/// What the models of queued work saw, over every device.
+#[derive(Debug, Default)]
+struct WorkFigures {
+    /// Releases and unmaps checked.
+    release_checks: u64,
+    /// Releases of busy blocks as the manager dropped after a failed wait (accepted).
+    busy_at_end: u64,
 }
 
 impl fmt::Display for Report {
@@ -1546,12 +2016,15 @@ impl fmt::Display for Report {
         write!(
             f,
             "stress {}: {} threads, {} ops in {:.2} s ({:.0} ops/s); device: {} attempts, {} \
-             refusals (injected faults {injected}), {} allocations, {} fence faults; allocations: {} ok, {} \
-             failed ({} budget, {} out of memory, {} backend); {} drops, {} hand-offs, {} \
-             record_stream, {} used_by, {} trims, {} clears, {} maintenance, {} defragment, {} \
-             prewarms ({} failed), {} pooling off; checks: {} snapshots by workers, {} by the \
-             sampler, {} ledger reads, {} overlap checks, {} pattern checks, {} zero checks, {} \
-             bytes compared; {} GPU rounds; violations: {}",
+             refusals (injected faults {injected}), {} allocations, {} fence faults, {} \
+             synchronize faults, {} stream-wait faults; allocations: {} ok, {} failed ({} \
+             budget, {} out of memory, {} backend); {} drops, {} hand-offs, {} record_stream, {} \
+             used_by, {} trims, {} clears, {} maintenance, {} defragment, {} prewarms ({} \
+             failed), {} pooling off, {} host accesses refused; checks: {} snapshots by \
+             workers, {} by the sampler, {} ledger reads, {} overlap checks, {} pattern checks, \
+             {} zero checks, {} bytes compared, {} hand-outs and host accesses and {} releases \
+             checked against queued work ({} busy releases as the manager dropped); {} GPU \
+             rounds; violations: {}",
             self.name,
             self.threads,
             self.ops,
@@ -1561,6 +2034,8 @@ impl fmt::Display for Report {
             self.ledger.refusals,
             self.ledger.allocations,
             self.ledger.fence_faults,
+            self.ledger.sync_faults,
+            self.ledger.stream_wait_faults,
             c.allocations,
             c.failed,
             c.failed_budget,
@@ -1577,6 +2052,7 @@ impl fmt::Display for Report {
             c.prewarms,
             c.prewarm_failures,
             c.pooling_off,
+            c.host_access_refused,
             c.snapshots_checked,
             self.sampler.snapshots,
             self.sampler.ledger_reads,
@@ -1584,6 +2060,9 @@ impl fmt::Display for Report {
             c.pattern_checks,
             c.zero_checks,
             c.bytes_checked,
+            c.work_checks,
+            self.work.release_checks,
+            self.work.busy_at_end,
             self.gpu_rounds,
             self.violations
         )
@@ -1605,6 +2084,8 @@ fn sum_ledgers(ledgers: impl Iterator<Item = Ledger>) -> Ledger {
         live_bytes: sum.live_bytes + l.live_bytes,
         invalid_releases: sum.invalid_releases + l.invalid_releases,
         fence_faults: sum.fence_faults + l.fence_faults,
+        sync_faults: sum.sync_faults + l.sync_faults,
+        stream_wait_faults: sum.stream_wait_faults + l.stream_wait_faults,
     })
 }
 
@@ -1658,12 +2139,19 @@ fn check_at_rest<D: Device>(shared: &Shared<D>, manager: &MemoryManager, counts:
         report(message);
     }
     // Releases wait for fences recorded at release time: complete them, and the next clear
-    // releases what the previous one deferred.
-    for _ in 0..2 {
+    // releases what the previous one deferred. (Clears record fences, which may fail: a few
+    // more rounds then.)
+    for _ in 0..20 {
         manager.clear();
+        let empty = shared
+            .devices
+            .iter()
+            .all(|device| device.ledger().live_allocations == 0);
+        if empty {
+            break;
+        }
         shared.devices.iter().for_each(Device::complete_fences);
     }
-    manager.clear();
     for (index, device) in shared.devices.iter().enumerate() {
         let ledger = device.ledger();
         if (ledger.live_allocations, ledger.live_bytes) != (0, 0) {
@@ -1684,9 +2172,47 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// A buffer of one byte that outlives every other (see `run`), in the interval map like them.
+fn last_buffer<D: Device>(shared: &Shared<D>, manager: &MemoryManager) -> Live {
+    let options = AllocOptions {
+        device: 0,
+        kind: None,
+        stream: StreamId(0),
+    };
+    let buffer = (0..1_000)
+        .find_map(|_| manager.allocate_with::<u8>(1, options).ok())
+        .expect("one byte in a thousand attempts");
+    let mut live = Live {
+        buffer,
+        device: 0,
+        owner: Owner {
+            thread: u32::MAX,
+            seq: 0,
+        },
+        tracked: false,
+        pattern_offset: None,
+        extra_streams: Vec::new(),
+        used_by: Vec::new(),
+    };
+    live.tracked = shared.insert_interval(&live, &mut Counts::default());
+    live
+}
+
+/// The manager drops next: when its last wait fails, it releases everything all the same
+/// (`Upstream::release_all_at_end`), and the model accepts it from here on.
+fn manager_ends<D: Device>(shared: &Shared<D>) {
+    for work in shared.devices.iter().filter_map(Device::work) {
+        work.ending.store(true, Ordering::SeqCst);
+    }
+}
+
 fn run<D: Device>(setup: &Setup) -> Report {
     let shared = Shared::<D>::new(setup);
     let mut manager = Some(shared.manager());
+    // When buffers outlive the manager, whichever drops last drops the manager: a buffer kept
+    // here until the end makes that moment known.
+    let last_buffer = (setup.teardown == Teardown::BuffersOutlive)
+        .then(|| last_buffer(&shared, manager.as_ref().expect("the manager")));
     let start = Instant::now();
     let mut counts = Counts::default();
     let (sampler_counts, gpu_rounds) = std::thread::scope(|scope| {
@@ -1732,6 +2258,7 @@ fn run<D: Device>(setup: &Setup) -> Report {
                 shared.retire(live, &mut counts);
             }
             check_at_rest(&shared, &manager, &counts);
+            manager_ends(&shared);
             drop(manager);
         }
         None => {
@@ -1760,6 +2287,10 @@ fn run<D: Device>(setup: &Setup) -> Report {
                     .collect()
             });
             dropped.iter().for_each(|more| counts.add(more));
+            manager_ends(shared);
+            if let Some(last) = last_buffer {
+                shared.retire(last, &mut Counts::default());
+            }
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -1779,6 +2310,16 @@ fn run<D: Device>(setup: &Setup) -> Report {
             ));
         }
     }
+    let mut work = WorkFigures::default();
+    for (index, device) in shared.devices.iter().enumerate() {
+        if let Some(model) = device.work() {
+            shared
+                .violations
+                .absorb(&model.violations, &format!("device {index}: "));
+            work.release_checks += model.release_checks.load(Ordering::Relaxed);
+            work.busy_at_end += model.busy_at_end.load(Ordering::Relaxed);
+        }
+    }
     for (index, map) in shared.intervals.iter().enumerate() {
         let left = lock(map).len();
         if left != 0 {
@@ -1796,6 +2337,7 @@ fn run<D: Device>(setup: &Setup) -> Report {
         ledger: sum_ledgers(shared.devices.iter().map(Device::ledger)),
         counts,
         sampler: sampler_counts,
+        work,
         gpu_rounds,
         violations: shared.violations.count(),
         first_violations,

@@ -196,6 +196,28 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Proof that the caller is a gpupool pool: [`VirtualMemory::map`] and [`VirtualMemory::unmap`]
+/// take one, and only this crate can make one. So code outside the pool cannot map or unmap
+/// pages of a backend a pool uses (through an `Arc` kept when the manager was made, or
+/// `MemoryManager::backend`): unmapping pages live buffers sit on would make their kernels
+/// fault. A backend implemented elsewhere receives it, and may pass it on to a backend it wraps.
+///
+/// ```compile_fail
+/// // Outside the crate there is no way to make one.
+/// let access = gpupool::backend::PoolAccess { _private: () };
+/// ```
+#[derive(Debug)]
+pub struct PoolAccess {
+    _private: (),
+}
+
+impl PoolAccess {
+    /// Only the pool makes these.
+    pub(crate) const fn new() -> PoolAccess {
+        PoolAccess { _private: () }
+    }
+}
+
 /// The capability of reserving device address space and mapping physical memory into it, of
 /// [`MemoryKind::Device`], readable and writable by the device.
 ///
@@ -217,16 +239,12 @@ pub trait VirtualMemory {
     /// Creates `bytes` of physical memory and maps it at `address` (inside a reservation,
     /// granularity-aligned), readable and writable by the device. Out of memory is
     /// [`BackendError::OutOfMemory`], so the pool can release and retry.
-    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError>;
+    fn map(&self, address: u64, bytes: usize, access: &PoolAccess) -> Result<(), BackendError>;
 
     /// Unmaps what [`VirtualMemory::map`] mapped at `address` and releases its physical
-    /// memory. The pool calls it only once no queued work uses the range.
-    ///
-    /// For the pool only: called on a backend a pool is using (through an `Arc` kept when the
-    /// manager was made), it unmaps pages the pool's buffers live on, and kernels using them
-    /// then fault. Backends refuse ranges they did not map themselves, so another instance
-    /// cannot do this; host memory is never affected.
-    fn unmap(&self, address: u64, bytes: usize);
+    /// memory. The pool calls it only once no queued work uses the range (and only the pool
+    /// can: see [`PoolAccess`]).
+    fn unmap(&self, address: u64, bytes: usize, access: &PoolAccess);
 }
 
 /// The capability of a backend whose work runs asynchronously, in streams.

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{
-    Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, StreamId, StreamOrdered,
-    VirtualMemory, Zeroing,
+    Backend, BackendError, Block, Fence, MemoryInfo, MemoryKind, PoolAccess, StreamId,
+    StreamOrdered, VirtualMemory, Zeroing,
 };
 use crate::size_class::BLOCK_ALIGN;
 
@@ -372,7 +372,7 @@ impl VirtualMemory for SimBackend {
         self.ledger().counters.reserved_address_bytes -= reservation.bytes() as u64;
     }
 
-    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
+    fn map(&self, address: u64, bytes: usize, _access: &PoolAccess) -> Result<(), BackendError> {
         let mut ledger = self.attempt(bytes)?;
         if ledger.live.insert(address, bytes).is_some() {
             ledger.counters.invalid_releases += 1; // mapped twice: as wrong as a double free
@@ -385,7 +385,7 @@ impl VirtualMemory for SimBackend {
         Ok(())
     }
 
-    fn unmap(&self, address: u64, bytes: usize) {
+    fn unmap(&self, address: u64, bytes: usize, _access: &PoolAccess) {
         let mut ledger = self.ledger();
         match ledger.live.remove(&address) {
             Some(mapped) if mapped == bytes => {

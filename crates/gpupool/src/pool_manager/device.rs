@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use super::budget::Budget;
 use super::upstream::Upstream;
 use super::Owner;
-use crate::backend::Backend;
+use crate::backend::{Backend, PoolAccess};
 use crate::config::PoolConfig;
 use crate::error::PoolError;
 use crate::kind::MemoryKind;
@@ -150,7 +150,7 @@ impl DevicePool {
             .expect("the arena's backend");
         let (pages, reservation) = arena.take_everything();
         for (address, bytes) in pages {
-            memory.unmap(address, bytes);
+            memory.unmap(address, bytes, &PoolAccess::new());
             self.upstream.budget.released(bytes as u64);
         }
         memory.unreserve(reservation);

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::device::DevicePool;
 use super::{Allocation, Owner, PoolManager, Record, Route};
+use crate::backend::PoolAccess;
 use crate::error::{BackendError, PoolError};
 use crate::kind::StreamId;
 use crate::pools::pending::Pending;
@@ -202,7 +203,7 @@ impl PoolManager {
                     limit: budget.limit(),
                 }));
             }
-            match memory.map(address, bytes) {
+            match memory.map(address, bytes, &PoolAccess::new()) {
                 Ok(()) => {
                     budget.allocated(bytes as u64);
                     Ok(())
@@ -214,7 +215,7 @@ impl PoolManager {
             }
         };
         let unmap = |address, bytes: usize| {
-            memory.unmap(address, bytes);
+            memory.unmap(address, bytes, &PoolAccess::new());
             budget.released(bytes as u64);
         };
         arena.take_or_map(
@@ -337,7 +338,7 @@ impl PoolManager {
                     .ok()
             },
             |address, bytes| {
-                memory.unmap(address, bytes);
+                memory.unmap(address, bytes, &PoolAccess::new());
                 budget.released(bytes as u64);
             },
         )

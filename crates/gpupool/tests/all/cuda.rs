@@ -1228,49 +1228,6 @@ fn device_free(ctx: &CudaContext) -> Result<u64, DriverError> {
     Ok(result::mem_get_info()?.0 as u64)
 }
 
-/// Issue 11: what mapping costs per page size on this device, to choose the page size (printed;
-/// run with `--ignored --nocapture`). Times `cuMemCreate` + `cuMemMap` + `cuMemSetAccess` per
-/// page, and `cuMemUnmap` + `cuMemRelease`, through the backend's capability.
-#[test]
-#[ignore]
-fn virtual_memory_mapping_costs_per_page_size() -> TestResult {
-    let Some(Gpu { backend, turn, .. }) = cuda_or_skip() else {
-        return Ok(());
-    };
-    let Some(memory) = backend.virtual_memory() else {
-        eprintln!("cuda: no virtual memory management");
-        return Ok(());
-    };
-    let granularity = memory.granularity();
-    eprintln!("cuda: virtual memory granularity {granularity} bytes");
-    for page_bytes in [2 * MIB, 20 * MIB, 64 * MIB, 256 * MIB] {
-        let page_bytes = page_bytes.next_multiple_of(granularity);
-        let pages = (1024 * MIB / page_bytes).max(4);
-        let reservation = driver(memory.reserve(pages * page_bytes))?;
-        let base = reservation.device_address();
-        let start = std::time::Instant::now();
-        for page in 0..pages {
-            driver(memory.map(base + (page * page_bytes) as u64, page_bytes))?;
-        }
-        let map_ns = start.elapsed().as_nanos() as f64 / pages as f64;
-        let start = std::time::Instant::now();
-        for page in 0..pages {
-            memory.unmap(base + (page * page_bytes) as u64, page_bytes);
-        }
-        let unmap_ns = start.elapsed().as_nanos() as f64 / pages as f64;
-        memory.unreserve(reservation);
-        eprintln!(
-            "cuda vmm: page {:>4} MiB: map {:>9.1} us/page ({:>7.2} us/MiB), unmap {:>9.1} us/page",
-            page_bytes / MIB,
-            map_ns / 1e3,
-            map_ns / 1e3 / (page_bytes / MIB) as f64,
-            unmap_ns / 1e3
-        );
-    }
-    drop(turn);
-    Ok(())
-}
-
 /// Issue 11: out of memory in the virtual-memory arena. The device is filled with 256 MiB
 /// blocks, every other one is freed (holes no 300 MiB request fits), and a 300 MiB request then
 /// needs new pages the device has no room for: the arena unmaps its free handles and retries,

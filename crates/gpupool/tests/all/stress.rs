@@ -61,7 +61,9 @@ use std::time::{Duration, Instant};
 
 use gpupool::backend::host::HostBackend;
 use gpupool::backend::sim::{FaultKind, FaultPlan, SimBackend, SimConfig};
-use gpupool::backend::{BackendError, MemoryInfo, StreamOrdered, VirtualMemory, Zeroing};
+use gpupool::backend::{
+    BackendError, MemoryInfo, PoolAccess, StreamOrdered, VirtualMemory, Zeroing,
+};
 use gpupool::fence::Fence;
 use gpupool::{
     AllocOptions, Backend, Block, MemoryKind, MemoryManager, PoolConfig, PoolError, PoolStats,
@@ -668,12 +670,12 @@ impl<D: Device> VirtualMemory for FlakyFences<D> {
         );
         self.memory().unreserve(reservation)
     }
-    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
-        self.memory().map(address, bytes)
+    fn map(&self, address: u64, bytes: usize, access: &PoolAccess) -> Result<(), BackendError> {
+        self.memory().map(address, bytes, access)
     }
-    fn unmap(&self, address: u64, bytes: usize) {
+    fn unmap(&self, address: u64, bytes: usize, access: &PoolAccess) {
         self.releasing(address, bytes, "mapping");
-        self.memory().unmap(address, bytes)
+        self.memory().unmap(address, bytes, access)
     }
 }
 

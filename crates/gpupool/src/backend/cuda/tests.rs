@@ -55,3 +55,50 @@ fn unknown_streams_are_refused_without_a_driver_call() {
     registry.release_all();
     assert!(registry.handle(lent).is_err());
 }
+
+/// Issue 11: what mapping costs per page size on this device, to choose the page size (printed;
+/// run the library's unit tests with `--ignored --nocapture`). Times `cuMemCreate`, `cuMemMap`
+/// and `cuMemSetAccess` per page, and `cuMemUnmap` with `cuMemRelease`, through the backend's
+/// capability (a unit test: only the crate can make the `PoolAccess` mapping needs).
+#[test]
+#[ignore]
+fn virtual_memory_mapping_costs_per_page_size() {
+    const MIB: usize = 1 << 20;
+    let Ok(backend) = CudaBackend::new(0) else {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    };
+    let Some(memory) = backend.virtual_memory() else {
+        eprintln!("cuda: no virtual memory management");
+        return;
+    };
+    let access = crate::backend::PoolAccess::new();
+    let granularity = memory.granularity();
+    eprintln!("cuda: virtual memory granularity {granularity} bytes");
+    for page_bytes in [2 * MIB, 20 * MIB, 64 * MIB, 256 * MIB] {
+        let page_bytes = page_bytes.next_multiple_of(granularity);
+        let pages = (1024 * MIB / page_bytes).max(4);
+        let reservation = memory.reserve(pages * page_bytes).expect("address space");
+        let base = reservation.device_address();
+        let start = std::time::Instant::now();
+        for page in 0..pages {
+            memory
+                .map(base + (page * page_bytes) as u64, page_bytes, &access)
+                .expect("a mapping");
+        }
+        let map_ns = start.elapsed().as_nanos() as f64 / pages as f64;
+        let start = std::time::Instant::now();
+        for page in 0..pages {
+            memory.unmap(base + (page * page_bytes) as u64, page_bytes, &access);
+        }
+        let unmap_ns = start.elapsed().as_nanos() as f64 / pages as f64;
+        memory.unreserve(reservation);
+        eprintln!(
+            "cuda vmm: page {:>4} MiB: map {:>9.1} us/page ({:>7.2} us/MiB), unmap {:>9.1} us/page",
+            page_bytes / MIB,
+            map_ns / 1e3,
+            map_ns / 1e3 / (page_bytes / MIB) as f64,
+            unmap_ns / 1e3
+        );
+    }
+}

@@ -13,7 +13,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::driver::backend_error;
 use super::*;
-use crate::backend::VirtualMemory;
+use crate::backend::{PoolAccess, VirtualMemory};
 
 /// Handles of the mapped pages, by address; whether the device supports virtual memory, with
 /// its granularity.
@@ -130,7 +130,7 @@ impl VirtualMemory for CudaBackend {
         }
     }
 
-    fn map(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
+    fn map(&self, address: u64, bytes: usize, _access: &PoolAccess) -> Result<(), BackendError> {
         let _bound = self.bind().map_err(backend_error)?;
         let ordinal = self.ctx.ordinal() as i32;
         let properties = page_properties(ordinal);
@@ -164,7 +164,7 @@ impl VirtualMemory for CudaBackend {
         Ok(())
     }
 
-    fn unmap(&self, address: u64, bytes: usize) {
+    fn unmap(&self, address: u64, bytes: usize, _access: &PoolAccess) {
         let Some((handle, mapped)) = self.mappings.handles().remove(&address) else {
             tracing::error!(address, "unmap of a range this backend did not map");
             return;

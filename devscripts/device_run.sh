@@ -12,7 +12,7 @@ OUT=${OUT:-devbin/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)" | tee -a "$OUT/gpu.txt"
 OUT=$OUT devscripts/cuda_tests.sh > "$OUT/tests_stdout.txt" 2>&1; echo "cuda tests exit $?" | tee -a "$OUT/gpu.txt"
-for bin in devbin/all-*; do "$bin" --ignored --nocapture --test-threads=1 virtual_memory_mapping_costs > "$OUT/vmm_costs.txt" 2>&1; done
+for bin in devbin/gpupool-*; do "$bin" --ignored --nocapture --test-threads=1 virtual_memory_mapping_costs > "$OUT/vmm_costs.txt" 2>&1; done
 for trace in devbin/traces/*.csv.gz; do
   name=$(basename "$trace" .csv.gz)
   timeout 150 devbin/gpupool replay "$trace" --runs 5 --backend cuda > "$OUT/replay_${name}_cuda.txt" 2>&1

@@ -5,10 +5,11 @@
 use std::time::Instant;
 
 use super::device::DevicePool;
-use super::{shards_in_use, Allocation, PoolManager, Record, Route};
+use super::{Allocation, PoolManager, Record, Route};
 use crate::backend::Block;
 use crate::error::PoolError;
 use crate::kind::{MemoryKind, StreamId};
+use crate::pools::class_cache::shards_in_use;
 use crate::pools::pending::Pending;
 use crate::pools::record::{BlockRecord, IdleBlock};
 use crate::pools::vm_arena;

@@ -26,7 +26,7 @@ mod upstream;
 mod virtual_arena;
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -101,25 +101,15 @@ thread_local! {
     static THREAD_STATE: (Cell<usize>, Cell<u32>) = const { (Cell::new(usize::MAX), Cell::new(0)) };
 }
 
-/// Shard numbers handed out so far, one per thread that used any pool: shards from this
-/// number on (modulo the shard count) were never given a block.
-static THREADS_SEEN: AtomicUsize = AtomicUsize::new(0);
-
 #[inline(always)]
 fn shard_of(state: &Cell<usize>) -> usize {
     let current = state.get();
     if current != usize::MAX {
         return current;
     }
-    let assigned = THREADS_SEEN.fetch_add(1, Ordering::Relaxed);
+    let assigned = crate::pools::class_cache::next_thread_number();
     state.set(assigned);
     assigned
-}
-
-/// How many shards of a class may hold blocks: at most one per thread seen so far (a stale
-/// reading only skips a shard a new thread just started using: a missed reuse, not an error).
-fn shards_in_use() -> usize {
-    THREADS_SEEN.load(Ordering::Relaxed)
 }
 
 /// Records a sampled hit's time, out of line so the hit path's code stays compact.

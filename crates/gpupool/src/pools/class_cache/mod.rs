@@ -38,6 +38,23 @@ pub(crate) use shard::{CacheCounters, Shard};
 /// Quota a shard takes from the class reserve at a time.
 const QUOTA_CHUNK: usize = 4;
 
+/// Thread numbers handed out so far, one per thread that used any pool: a thread's number
+/// picks its shard in every class (`number & (shards - 1)`), so shards from this count on
+/// (when it is below the shard count) never held a block or quota.
+static THREADS_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A number for a thread that uses a pool for the first time.
+pub(crate) fn next_thread_number() -> usize {
+    THREADS_SEEN.fetch_add(1, Ordering::Relaxed)
+}
+
+/// How many shards of a class may hold blocks or quota: one per thread numbered so far (a
+/// stale reading only skips a shard a new thread just started using: a missed reuse, or quota
+/// left where it is, never an error).
+pub(crate) fn shards_in_use() -> usize {
+    THREADS_SEEN.load(Ordering::Relaxed)
+}
+
 /// The idle blocks of one class and kind, in lock shards.
 pub(crate) struct ClassCache<O> {
     class_bytes: usize,
@@ -104,18 +121,23 @@ impl<O> ClassCache<O> {
         requested_bytes: usize,
         served: bool,
     ) -> Option<(IdleBlock<O>, usize)> {
+        self.other_shards(shard, shards_in_use).find_map(|index| {
+            self.take(index, stream, requested_bytes, served)
+                .map(|idle| (idle, index))
+        })
+    }
+
+    /// The shards other than `shard` that may hold blocks or quota, starting after it: the
+    /// first `shards_in_use` (all of them when `shard` is not among those: a caller outside
+    /// the thread numbering).
+    fn other_shards(&self, shard: usize, shards_in_use: usize) -> impl Iterator<Item = usize> {
         let own = shard & self.shard_mask;
         let shards = self.shard_mask + 1;
         let in_use = match shards_in_use.min(shards) {
             used if used > own => used,
-            // Not this thread's own count (a caller outside the thread numbering): all.
             _ => shards,
         };
-        (1..in_use).find_map(|offset| {
-            let index = (own + offset) % in_use;
-            self.take(index, stream, requested_bytes, served)
-                .map(|idle| (idle, index))
-        })
+        (1..in_use).map(move |offset| (own + offset) % in_use)
     }
 
     /// Counts a request served by a new block: a backend allocation, or (`carved`) a block
@@ -152,8 +174,8 @@ impl<O> ClassCache<O> {
         let mut found = (*reserve).min(QUOTA_CHUNK);
         *reserve -= found;
         if found == 0 {
-            for offset in 1..=self.shard_mask {
-                found += self.shard(shard + offset).give_up_unused_quota();
+            for index in self.other_shards(shard, shards_in_use()) {
+                found += self.shard(index).give_up_unused_quota();
             }
         }
         self.shard(shard).quota += found;

@@ -2157,10 +2157,21 @@ fn check_at_rest<D: Device>(shared: &Shared<D>, manager: &MemoryManager, counts:
     for (index, device) in shared.devices.iter().enumerate() {
         let ledger = device.ledger();
         if (ledger.live_allocations, ledger.live_bytes) != (0, 0) {
+            // Where the pool says they are, to tell a stuck block from a slow clean-up.
+            let stats = manager.stats();
+            let pool = stats.devices.get(index);
             report(format!(
                 "device {index} still holds {} allocations, {} bytes after clearing with no \
-                 buffer alive",
-                ledger.live_allocations, ledger.live_bytes
+                 buffer alive; the pool: {} blocks held, {} pending release ({} bytes), {} \
+                 bytes cached, large arena {} segments with {} free bytes",
+                ledger.live_allocations,
+                ledger.live_bytes,
+                stats.totals.blocks_held,
+                stats.totals.pending_release_blocks,
+                stats.totals.pending_release_bytes,
+                stats.totals.cached_bytes,
+                pool.map_or(0, |pool| pool.large.segments),
+                pool.map_or(0, |pool| pool.large.free_bytes),
             ));
         }
     }

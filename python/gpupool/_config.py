@@ -30,6 +30,7 @@ KEYS = (
     "virtual_memory_pages",
     "reclaim_at_peak",
     "release_idle_at_peak",
+    "carve_class_blocks",
 )
 
 

@@ -23,7 +23,7 @@ use gpupool::PoolConfigBuilder;
 use crate::errors::FfiError;
 
 /// The keys, in the order of the builder's setters.
-pub(crate) const KEYS: [&str; 15] = [
+pub(crate) const KEYS: [&str; 16] = [
     "min_class_bytes",
     "max_class_bytes",
     "steps_per_doubling",
@@ -39,6 +39,7 @@ pub(crate) const KEYS: [&str; 15] = [
     "virtual_memory_pages",
     "reclaim_at_peak",
     "release_idle_at_peak",
+    "carve_class_blocks",
 ];
 
 /// Applies every setting of `text` to `builder`, or names the first bad one.
@@ -71,6 +72,7 @@ fn set(builder: PoolConfigBuilder, key: &str, value: &str) -> Result<PoolConfigB
         "virtual_memory_pages" => builder.virtual_memory_pages(optional(key, value, size)?),
         "reclaim_at_peak" => builder.reclaim_at_peak(switch(key, value)?),
         "release_idle_at_peak" => builder.release_idle_at_peak(switch(key, value)?),
+        "carve_class_blocks" => builder.carve_class_blocks(switch(key, value)?),
         _ => {
             return Err(FfiError::Config(format!(
                 "unknown key {key:?} (known keys: {})",
@@ -160,7 +162,8 @@ mod tests {
                     max_idle_per_class=16, max_idle_bytes_per_class=1MiB, min_idle_per_class=2, \
                     maintenance_interval=500ms, budget_bytes=1GiB, pooling=true, \
                     zero_on_reuse=false, shards=8, large_threshold_bytes=none, \
-                    virtual_memory_pages=none, reclaim_at_peak=1, release_idle_at_peak=0,";
+                    virtual_memory_pages=none, reclaim_at_peak=1, release_idle_at_peak=0, \
+                    carve_class_blocks=true,";
         let config = config(text).unwrap();
         assert_eq!(config.classes().sizes()[0], 512);
         assert_eq!(config.classes().max_bytes(), 64 << 20);
@@ -175,8 +178,26 @@ mod tests {
         assert_eq!(config.virtual_memory_pages(), None);
         assert!(config.reclaim_at_peak());
         assert!(!config.release_idle_at_peak());
+        assert!(config.carve_class_blocks());
         for key in KEYS {
             assert!(text.contains(&format!("{key}=")), "{key} is not tested");
+        }
+    }
+
+    /// Every setter of the builder has its key: a setter added to `PoolConfigBuilder` without
+    /// one here fails this test (the C ABI and Python promise the same keys).
+    #[test]
+    fn every_builder_setter_has_a_key() {
+        let source = include_str!("../../gpupool/src/config.rs");
+        let setters: Vec<&str> = source
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("pub fn "))
+            .filter(|rest| rest.contains("(mut self"))
+            .filter_map(|rest| rest.split('(').next())
+            .collect();
+        assert!(setters.len() >= KEYS.len(), "found setters {setters:?}");
+        for setter in &setters {
+            assert!(KEYS.contains(setter), "builder setter {setter} has no key");
         }
     }
 

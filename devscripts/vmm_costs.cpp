@@ -1,8 +1,10 @@
 // Issue 11: what each CUDA virtual-memory call costs on this device, to decide whether moving
 // physical pages (unmap here, map there, keeping the physical handle) is cheap enough to do at
 // the peak. Driver API only; build: nvcc -O2 -o vmm_costs vmm_costs.cpp -lcuda
-// Prints one line per measurement: call, page MiB, microseconds per call.
+// Prints one line per measurement: call, page MiB, microseconds per call. Arguments: handle
+// sizes in MiB (default: 2 20).
 #include <cuda.h>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -43,9 +45,12 @@ int main(int argc, char** argv) {
   CUmemAccessDesc access = {};
   access.location = prop.location;
   access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-  for (size_t page_mib : {2, 20}) {
+  std::vector<size_t> sizes_mib;
+  for (int i = 1; i < argc; i++) sizes_mib.push_back(std::strtoull(argv[i], nullptr, 10));
+  if (sizes_mib.empty()) sizes_mib = {2, 20};
+  for (size_t page_mib : sizes_mib) {
     size_t page = page_mib << 20;
-    size_t n = (1024ull << 20) / page;  // 1 GiB worth
+    size_t n = std::max<size_t>(4, (1024ull << 20) / page);  // 1 GiB worth, at least 4 handles
     CUdeviceptr a = 0, b = 0;
     CHECK(cuMemAddressReserve(&a, n * page, gran, 0, 0));
     CHECK(cuMemAddressReserve(&b, n * page, gran, 0, 0));

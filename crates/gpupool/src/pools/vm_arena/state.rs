@@ -96,7 +96,7 @@ impl<O> VmState<O> {
         if small {
             return self.place_small(stream, bytes);
         }
-        if let Some(own) = self.best_fit(keys::own(stream, false), bytes) {
+        if let Some(own) = self.best_fit_sparing_the_frontier(keys::own(stream, false), bytes) {
             return Some(own);
         }
         let fresh = self.best_fit(FRESH, bytes)?;
@@ -125,6 +125,39 @@ impl<O> VmState<O> {
             }
             None => Some(fresh),
         }
+    }
+
+    /// [`VmState::best_fit`], passing over the range that ends where the untouched space at
+    /// the end of the reservation begins while another range of `key` fits. That range can
+    /// grow into the untouched space (see `place`), so it is worth the most: cutting a small
+    /// block from it leaves the next large block no contiguous room but past the peak, while
+    /// a hole elsewhere that fits loses nothing. (PyTorch's expandable segments rank such a
+    /// block by the size it can grow to, for the same reason.)
+    pub(super) fn best_fit_sparing_the_frontier(
+        &self,
+        key: u64,
+        bytes: usize,
+    ) -> Option<(u64, usize, u64)> {
+        let mut fitting = self
+            .free
+            .range((key, bytes, 0)..=(key, usize::MAX, u64::MAX))
+            .map(|&(key, size, address)| (address, size, key));
+        let best = fitting.next()?;
+        let frontier = self.untouched_start();
+        if Some(best.0 + best.1 as u64) != frontier {
+            return Some(best);
+        }
+        fitting.next().or(Some(best))
+    }
+
+    /// Where the untouched space at the end of the reservation begins, if any is left.
+    fn untouched_start(&self) -> Option<u64> {
+        let end = self.base + self.reservation.block.bytes() as u64;
+        self.free_at
+            .range(..end)
+            .next_back()
+            .filter(|(&start, &(size, key, _))| key == FRESH && start + size as u64 == end)
+            .map(|(&start, _)| start)
     }
 
     /// The smallest free range of `key` that holds `bytes`: (address, bytes, key).

@@ -261,11 +261,13 @@ impl PoolConfigBuilder {
         self
     }
 
-    /// Whether, before a backend allocation or a mapping would take the device past the most
-    /// the pool ever held, idle class blocks worth the excess are released first (largest
-    /// classes, oldest blocks first). On by default: idle blocks then never raise the peak
-    /// (sim: idle class blocks were 10–35 MB of every trace's peak). Off is the seed's
-    /// behaviour: caches keep up to their caps whatever the device holds.
+    /// Whether, with `carve_class_blocks`, before a mapping would take the device past the
+    /// most the pool ever held, idle carved class blocks worth the excess go back into the
+    /// arena first (largest classes, oldest blocks first; see `pool_manager/peak_guard.rs`).
+    /// On by default: idle carved blocks then never raise the peak (sim: idle class blocks
+    /// were 10–35 MB of every trace's peak). Class blocks from the backend are not released
+    /// this way (a `cuMemFree` synchronises the device). Off is the seed's behaviour: caches
+    /// keep up to their caps whatever the device holds.
     pub fn release_idle_at_peak(mut self, enabled: bool) -> Self {
         self.release_idle_at_peak = enabled;
         self

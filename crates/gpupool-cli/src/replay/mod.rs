@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use gpupool::backend::cuda::{driver_call_profile, DriverCall, DriverCallCount};
 use gpupool::dashboard::PoolReport;
 use gpupool::{
     ratio, AllocOptions, Backend, MemoryManager, PoolConfig, PoolError, PooledBuffer, StreamId,
@@ -138,9 +139,39 @@ pub struct ReplayReport {
     /// The timeline picture, if one was drawn.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plot: Option<String>,
+    /// With the CUDA backend: the driver calls of one timed run (the mean over the runs), by
+    /// kind; where the time of misses goes on this machine.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub driver_calls: Vec<DriverCallsPerRun>,
     /// The dated pool report after the (last) timed run, with the buffers the trace never
     /// frees still live: health, recommendations and the whole statistics snapshot.
     pub pool_report: PoolReport,
+}
+
+/// Driver calls of one kind in one timed run (see `gpupool::backend::cuda::DriverCall`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DriverCallsPerRun {
+    /// The kind (`map`, `allocate`, `record_fence`, ...).
+    pub call: &'static str,
+    /// Calls per run.
+    pub calls: f64,
+    /// Their time per run, microseconds.
+    pub micros: f64,
+}
+
+/// The driver calls of the timed replay loops (summed over `runs`), per run, by kind.
+fn driver_calls_per_run(sums: &[DriverCallCount], runs: usize) -> Vec<DriverCallsPerRun> {
+    let runs = runs.max(1) as f64;
+    DriverCall::ALL
+        .iter()
+        .zip(sums)
+        .filter(|(_, sum)| sum.calls > 0)
+        .map(|(call, sum)| DriverCallsPerRun {
+            call: call.name(),
+            calls: sum.calls as f64 / runs,
+            micros: sum.nanos as f64 / 1e3 / runs,
+        })
+        .collect()
 }
 
 /// Why a replay stopped.
@@ -448,15 +479,25 @@ pub fn run(
     );
     let mut times = Vec::with_capacity(runs);
     let mut stats = None;
+    let mut driver_calls = vec![DriverCallCount::default(); DriverCall::ALL.len()];
     for _ in 0..runs {
         let timed = manager(&backend, options)?;
         observe(&timed);
+        let before = driver_call_profile();
         let (elapsed, live) = replay_loop(&timed, &trace, &streams, &bar, &mut Unobserved)?;
+        for (sum, (before, after)) in driver_calls
+            .iter_mut()
+            .zip(before.iter().zip(&driver_call_profile()))
+        {
+            sum.calls += after.calls - before.calls;
+            sum.nanos += after.nanos - before.nanos;
+        }
         stats = Some(timed.stats());
         drop(live);
         times.push(elapsed);
     }
     bar.finish_and_clear();
+    let driver_calls = driver_calls_per_run(&driver_calls, runs);
     let stats = stats.expect("at least one run");
     times.sort();
     let elapsed = times[times.len() / 2];
@@ -547,6 +588,7 @@ pub fn run(
         },
         summary: gpupool::dashboard::summary(&stats),
         plot,
+        driver_calls,
         pool_report: PoolReport::new(stats, SystemTime::now()),
     })
 }
@@ -626,6 +668,19 @@ pub fn render_text(report: &ReplayReport) -> String {
         ("held for streams", waste.held_for_streams_bytes),
     ] {
         let _ = writeln!(out, "    {label:<24}{}", bytes_exact(part));
+    }
+    if !report.driver_calls.is_empty() {
+        let _ = writeln!(out, "  Driver calls per run (included in the time above):");
+        for each in &report.driver_calls {
+            let _ = writeln!(
+                out,
+                "    {:<24}{:.0} calls, {:.0} µs ({:.1} µs each)",
+                each.call,
+                each.calls,
+                each.micros,
+                each.micros / each.calls.max(1.0)
+            );
+        }
     }
     let _ = writeln!(out, "{}", report.summary);
     if let Some(plot) = &report.plot {

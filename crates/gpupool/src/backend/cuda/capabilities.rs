@@ -7,13 +7,16 @@ impl StreamOrdered for CudaBackend {
     fn record_fence(&self, stream: StreamId) -> Result<Arc<dyn Fence>, BackendError> {
         let handle = self.streams.handle(stream)?;
         let _bound = self.bind().map_err(backend_error)?;
-        let fence = EventFence::record(&self.ctx, handle).map_err(backend_error)?;
+        let fence = timed(DriverCall::RecordFence, || {
+            EventFence::record(&self.ctx, handle)
+        })
+        .map_err(backend_error)?;
         Ok(Arc::new(fence))
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
         let _bound = self.bind().map_err(backend_error)?;
-        result::ctx::synchronize().map_err(backend_error)
+        timed(DriverCall::Synchronize, result::ctx::synchronize).map_err(backend_error)
     }
 
     fn wait_for_stream(&self, stream: StreamId) -> Result<(), BackendError> {
@@ -21,7 +24,10 @@ impl StreamOrdered for CudaBackend {
         let _bound = self.bind().map_err(backend_error)?;
         // SAFETY: `handle` is the default stream or a live stream of this context (the
         // registry checked it), and the context is current.
-        unsafe { result::stream::synchronize(handle) }.map_err(backend_error)
+        timed(DriverCall::Synchronize, || unsafe {
+            result::stream::synchronize(handle)
+        })
+        .map_err(backend_error)
     }
 }
 

@@ -60,7 +60,9 @@ impl Fence for EventFence {
         }
         // SAFETY: `self.event` is live: it is destroyed only in `Drop`. `cuEventQuery` does not
         // block and needs no current context.
-        match unsafe { result::event::query(self.event) } {
+        match super::call_profile::timed(super::DriverCall::QueryFence, || unsafe {
+            result::event::query(self.event)
+        }) {
             Ok(()) => {
                 self.complete.store(true, Ordering::Release);
                 true

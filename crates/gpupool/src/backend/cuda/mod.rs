@@ -51,6 +51,7 @@
 //!   [`BackendError::TooLarge`]; everything else is [`BackendError::Driver`] with the driver's
 //!   name and words for the error.
 
+mod call_profile;
 mod capabilities;
 mod driver;
 mod fence;
@@ -65,12 +66,14 @@ use std::sync::Arc;
 
 /// The `cudarc` this backend is built on, for raw driver calls on its device addresses and
 /// streams (its `driver::sys` types are the ones [`CudaBackend::stream_handle`] returns).
+pub use call_profile::{driver_call_profile, DriverCall, DriverCallCount};
 pub use cudarc;
 pub use interop::{CudaBufferView, CudaBufferViewMut};
 
 use cudarc::driver::result;
 use cudarc::driver::{sys, CudaContext, CudaStream};
 
+use self::call_profile::timed;
 use self::driver::{backend_error, pool_error, Bound, HeldContext};
 use self::fence::EventFence;
 use self::streams::StreamRegistry;
@@ -311,7 +314,10 @@ impl CudaBackend {
         // SAFETY: the backend's context is current (the caller bound it); `cuMemAlloc` has no
         // other precondition. The memory is uninitialised, which is allowed for device memory:
         // the pool never reads it from the host.
-        let address = unsafe { result::malloc_sync(bytes) }.map_err(backend_error)?;
+        let address = timed(DriverCall::Allocate, || unsafe {
+            result::malloc_sync(bytes)
+        })
+        .map_err(backend_error)?;
         if address % BLOCK_ALIGN as u64 != 0 {
             // cuMemAlloc aligns to at least 256 bytes; the pool promises BLOCK_ALIGN.
             // SAFETY: `address` came from `cuMemAlloc` just before and was never handed out.
@@ -418,12 +424,12 @@ impl Backend for CudaBackend {
         // Moving the block in means it is released once, and the pool releases it only when no
         // buffer owns it and no GPU work uses it any more (it synchronises first when it cannot
         // prove that).
-        let outcome = match block.host_ptr() {
+        let outcome = timed(DriverCall::Free, || match block.host_ptr() {
             // SAFETY: a Device block of ours, released once, unused (see above).
             None => unsafe { result::free_sync(block.device_address()) },
             // SAFETY: a pinned host block of ours, released once, unused (see above).
             Some(host) => unsafe { result::free_host(host.as_ptr().cast()) },
-        };
+        });
         if let Err(error) = outcome {
             tracing::warn!(
                 error = %driver::describe(error),
@@ -435,7 +441,9 @@ impl Backend for CudaBackend {
     }
 
     fn memory_info(&self) -> Option<MemoryInfo> {
-        let info = self.bind().and_then(|_bound| result::mem_get_info());
+        let info = timed(DriverCall::MemoryInfo, || {
+            self.bind().and_then(|_bound| result::mem_get_info())
+        });
         match info {
             Ok((free, total)) => Some(MemoryInfo {
                 free_bytes: free as u64,

@@ -131,6 +131,16 @@ impl VirtualMemory for CudaBackend {
     }
 
     fn map(&self, address: u64, bytes: usize, _access: &PoolAccess) -> Result<(), BackendError> {
+        timed(DriverCall::Map, || self.map_timed(address, bytes))
+    }
+
+    fn unmap(&self, address: u64, bytes: usize, _access: &PoolAccess) {
+        timed(DriverCall::Unmap, || self.unmap_timed(address, bytes))
+    }
+}
+
+impl CudaBackend {
+    fn map_timed(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
         let _bound = self.bind().map_err(backend_error)?;
         let ordinal = self.ctx.ordinal() as i32;
         let properties = page_properties(ordinal);
@@ -164,7 +174,7 @@ impl VirtualMemory for CudaBackend {
         Ok(())
     }
 
-    fn unmap(&self, address: u64, bytes: usize, _access: &PoolAccess) {
+    fn unmap_timed(&self, address: u64, bytes: usize) {
         let Some((handle, mapped)) = self.mappings.handles().remove(&address) else {
             tracing::error!(address, "unmap of a range this backend did not map");
             return;

@@ -131,16 +131,17 @@ impl VirtualMemory for CudaBackend {
     }
 
     fn map(&self, address: u64, bytes: usize, _access: &PoolAccess) -> Result<(), BackendError> {
-        timed(DriverCall::Map, || self.map_timed(address, bytes))
+        timed(DriverCall::Map, || self.map_one_handle(address, bytes))
     }
 
     fn unmap(&self, address: u64, bytes: usize, _access: &PoolAccess) {
-        timed(DriverCall::Unmap, || self.unmap_timed(address, bytes))
+        timed(DriverCall::Unmap, || self.unmap_one_handle(address, bytes))
     }
 }
 
 impl CudaBackend {
-    fn map_timed(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
+    /// `cuMemCreate` + `cuMemMap` + `cuMemSetAccess` of `address..address + bytes` as one handle.
+    fn map_one_handle(&self, address: u64, bytes: usize) -> Result<(), BackendError> {
         let _bound = self.bind().map_err(backend_error)?;
         let ordinal = self.ctx.ordinal() as i32;
         let properties = page_properties(ordinal);
@@ -174,7 +175,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn unmap_timed(&self, address: u64, bytes: usize) {
+    /// `cuMemUnmap` + `cuMemRelease` of the handle mapped at `address`.
+    fn unmap_one_handle(&self, address: u64, bytes: usize) {
         let Some((handle, mapped)) = self.mappings.handles().remove(&address) else {
             tracing::error!(address, "unmap of a range this backend did not map");
             return;

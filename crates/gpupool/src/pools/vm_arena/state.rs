@@ -202,7 +202,9 @@ impl<O> VmState<O> {
             }
         }
         // A fence covers the range as it was: once split or merged, it is fenced anew.
-        self.retiring.remove(&address);
+        if !self.retiring.is_empty() {
+            self.retiring.remove(&address);
+        }
         (bytes, key, epoch)
     }
 

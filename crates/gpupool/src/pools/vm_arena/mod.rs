@@ -183,11 +183,16 @@ impl<O> VmArena<O> {
         let mut page = *pages.start();
         while page <= *pages.end() {
             if let Some(first) = state.pages[page].handle {
-                // Mapped; a pending unmap is called off (the page is wanted again).
-                if let Some(handle) = state.handles.get_mut(&first) {
-                    handle.unmapping = None;
-                }
-                page += 1;
+                // Mapped; a pending unmap is called off (the page is wanted again). The
+                // handle's other pages are mapped too: one lookup per handle, not per page.
+                let handle_end = match state.handles.get_mut(&first) {
+                    Some(handle) => {
+                        handle.unmapping = None;
+                        first + handle.pages
+                    }
+                    None => page + 1,
+                };
+                page = handle_end.max(page + 1);
                 continue;
             }
             let run = (page..=*pages.end())

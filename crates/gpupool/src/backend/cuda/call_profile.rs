@@ -32,7 +32,7 @@ pub enum DriverCall {
 
 impl DriverCall {
     /// Every kind, in the order [`driver_call_profile`] lists them.
-    pub const ALL: [DriverCall; 8] = [
+    pub const ALL: [DriverCall; KINDS] = [
         DriverCall::Allocate,
         DriverCall::Free,
         DriverCall::Map,
@@ -67,8 +67,11 @@ pub struct DriverCallCount {
     pub nanos: u64,
 }
 
-static CALLS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+/// How many kinds of driver call are counted.
+const KINDS: usize = 8;
+
+static CALLS: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
+static NANOS: [AtomicU64; KINDS] = [const { AtomicU64::new(0) }; KINDS];
 
 /// Runs `work` (one driver call of kind `call`, with what it needs around it) and counts it.
 pub(super) fn timed<T>(call: DriverCall, work: impl FnOnce() -> T) -> T {
@@ -97,7 +100,7 @@ pub(super) fn timed<T>(call: DriverCall, work: impl FnOnce() -> T) -> T {
 ///     }
 /// }
 /// ```
-pub fn driver_call_profile() -> [DriverCallCount; 8] {
+pub fn driver_call_profile() -> [DriverCallCount; KINDS] {
     std::array::from_fn(|index| DriverCallCount {
         calls: CALLS[index].load(Ordering::Relaxed),
         nanos: NANOS[index].load(Ordering::Relaxed),

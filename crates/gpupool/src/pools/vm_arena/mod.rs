@@ -165,7 +165,8 @@ impl<O> VmArena<O> {
         let placed = match own {
             Some(own) => Some(own),
             None => {
-                if !state.fits(keys::own(request.stream, small), bytes) {
+                // A large block's own search just failed; a small one's is still to do.
+                if !small || !state.fits(keys::own(request.stream, true), bytes) {
                     state.retire(request.stream, &mut fence_after);
                 }
                 state.place(request.stream, bytes, small)

@@ -41,7 +41,46 @@ def rounded(size):
     return (size + 511) // 512 * 512
 
 
-def replay(events, policy, page):
+class SmallRange:
+    """Requests up to 1 MiB in an address range of their own (PyTorch's small pool with
+    expandable segments): best fit, free neighbours merged, pages mapped once touched and never
+    unmapped."""
+
+    def __init__(self):
+        self.free = {}
+        self.top = 0
+
+    def take(self, need):
+        fits = [(b, a) for a, b in self.free.items() if b >= need]
+        if fits:
+            free_bytes, at = min(fits)
+            del self.free[at]
+            if free_bytes > need:
+                self.free[at + need] = free_bytes - need
+            return at
+        tail = [a for a, b in self.free.items() if a + b == self.top]
+        at = tail[0] if tail else self.top
+        if tail:
+            del self.free[at]
+        self.top = at + need
+        return at
+
+    def give(self, at, need):
+        end = at + need
+        if end in self.free:
+            need += self.free.pop(end)
+        before = [a for a, b in self.free.items() if a + b == at]
+        if before:
+            need += self.free.pop(before[0])
+            at = before[0]
+        self.free[at] = need
+
+    def mapped_bytes(self, page):
+        return (self.top + page - 1) // page * page
+
+
+def replay(events, policy, page, separate_small=False):
+    small_range = SmallRange() if separate_small else None
     free = {}  # address -> bytes
     top = 0  # end of the space ever placed in
     live = {}
@@ -61,7 +100,11 @@ def replay(events, policy, page):
             live_bytes += size
             peak_live = max(peak_live, live_bytes)
             need = rounded(size)
-            if size <= SMALL:
+            if size <= SMALL and small_range is not None:
+                at = small_range.take(need)
+                live[ident] = (-1 - at, need)
+                small = small_range.mapped_bytes(page)
+            elif size <= SMALL:
                 small += need
                 live[ident] = (None, need)
             else:
@@ -116,6 +159,9 @@ def replay(events, policy, page):
             if at is None:
                 small -= need
                 continue
+            if at < 0:
+                small_range.give(-1 - at, need)
+                continue
             for p in pages(at, need):
                 count[p] -= 1
                 mapped[p] = index
@@ -138,10 +184,11 @@ def main():
     parser.add_argument("trace")
     parser.add_argument("--policy", action="append", choices=["best-fit", "spare-frontier", "unmap-free", "reclaim-aware"])
     parser.add_argument("--page-mib", type=int, default=2)
+    parser.add_argument("--small-range", action="store_true", help="requests up to 1 MiB in a best-fit range of their own, never unmapped, instead of an ideal small pool")
     args = parser.parse_args()
     events = read(args.trace)
     for policy in args.policy or ["best-fit", "spare-frontier", "unmap-free", "reclaim-aware"]:
-        ratio, maps, unmaps = replay(events, policy, args.page_mib << 20)
+        ratio, maps, unmaps = replay(events, policy, args.page_mib << 20, args.small_range)
         print(f"{args.trace.split('/')[-1]:<28} {policy:<15} peak/live {ratio:.4f}  pages mapped {maps:>6}  unmapped {unmaps:>6}")
 
 

@@ -31,6 +31,7 @@ KEYS = (
     "reclaim_at_peak",
     "release_idle_at_peak",
     "carve_class_blocks",
+    "shared_class_pages",
 )
 
 

@@ -145,7 +145,7 @@ class PythonSide(unittest.TestCase):
         )
         with self.assertRaises(TypeError):
             gpupool.config_string(colour="blue")
-        self.assertEqual(len(gpupool.CONFIG_KEYS), 16)
+        self.assertEqual(len(gpupool.CONFIG_KEYS), 17)
         with self.assertRaises(gpupool.GpupoolError) as raised:
             gpupool.configure("steps_per_doubling=four")
         self.assertEqual(raised.exception.code, _lib.GPUPOOL_ERR_CONFIG)

@@ -190,11 +190,11 @@ enum Command {
         /// on workloads whose block sizes change, for more driver calls).
         #[arg(long)]
         reclaim_at_peak: bool,
-        /// With virtual memory: carve class blocks out of small pages of the arena instead of
-        /// allocating them one by one from the backend (`cuMemAlloc`); idle class blocks then
-        /// go back to the arena before it maps past its peak.
-        #[arg(long)]
-        carve_class_blocks: bool,
+        /// With virtual memory, where class blocks come from: carved out of an address range
+        /// of their own (`arena`), out of small pages among the large blocks
+        /// (`shared-pages`), or one `cuMemAlloc` each (`backend`).
+        #[arg(long, value_enum, default_value_t)]
+        class_blocks: replay::ClassBlocks,
         /// Draw requested-live, in-use and reserved bytes over the trace into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
@@ -316,7 +316,7 @@ fn run(command: Command, style: Style) -> Result<(), String> {
             steps_per_doubling,
             seed_rules,
             reclaim_at_peak,
-            carve_class_blocks,
+            class_blocks,
             plot,
             plot_every,
             dashboard: with_dashboard,
@@ -332,7 +332,7 @@ fn run(command: Command, style: Style) -> Result<(), String> {
                 steps_per_doubling,
                 seed_rules,
                 reclaim_at_peak,
-                carve_class_blocks,
+                class_blocks,
                 plot,
                 plot_every,
                 runs,

@@ -94,24 +94,36 @@ fn replay_reports_the_figures_of_a_trace_as_json() {
     assert_eq!(json["events"], 9);
     assert_eq!(json["backend"], "sim");
     assert_eq!(
-        json["backend_allocations"], 4,
-        "1 KiB, 8 KiB, a segment for the 300 MB request, 512 B"
+        json["backend_allocations"], 2,
+        "one page for the class blocks (1 KiB, 8 KiB, 512 B), the 300 MB request's pages"
+    );
+    let backend = replay_json(&path, &["--class-blocks", "backend"]);
+    assert_eq!(
+        backend["backend_allocations"], 4,
+        "1 KiB, 8 KiB, the 300 MB request's pages, 512 B"
     );
     assert_eq!(json["hit_rate"], 0.2);
-    assert!((json["allocation_reduction"].as_f64().unwrap() - 0.2).abs() < 1e-12);
+    // Three of five requests were served without a backend allocation of their own.
+    assert!((json["allocation_reduction"].as_f64().unwrap() - 0.6).abs() < 1e-12);
+    assert!((backend["allocation_reduction"].as_f64().unwrap() - 0.2).abs() < 1e-12);
     assert_eq!(json["peak_live_bytes"], 300_000_000);
-    // The 300 MB request gets a segment rounded up to 2 MiB, still held (free) when the last
-    // request takes a 512 B block.
-    assert_eq!(json["peak_reserved_bytes"], 301_989_888 + 1024 + 8192 + 512);
+    // The 300 MB request's pages (300 MB rounded up to 2 MiB), still mapped (free) when the
+    // last request takes a 512 B block, and the class blocks' 2 MiB page.
+    assert_eq!(json["peak_reserved_bytes"], 301_989_888 + (2 << 20));
     let ratio = json["peak_ratio"].as_f64().unwrap();
-    assert!((ratio - 301_999_616.0 / 300_000_000.0).abs() < 1e-12);
+    assert!((ratio - 304_087_040.0 / 300_000_000.0).abs() < 1e-12);
+    // From the backend, the class blocks cost their own bytes.
+    assert_eq!(
+        backend["peak_reserved_bytes"],
+        301_989_888 + 1024 + 8192 + 512
+    );
     assert!(json["ns_per_op"].as_f64().unwrap() > 0.0);
     assert_eq!(json["live_at_end"], 1);
     assert_eq!(json["runs"], 2);
     // The dated pool report rides along: its statistics agree with the figures above.
     let pool = &json["pool_report"];
     assert_eq!(pool["stats"]["totals"]["hits"], 1);
-    assert_eq!(pool["stats"]["totals"]["backend_allocations"], 4);
+    assert_eq!(pool["stats"]["totals"]["backend_allocations"], 2);
     assert_eq!(
         pool["stats"]["totals"]["peak_reserved_bytes"],
         json["peak_reserved_bytes"]
@@ -136,11 +148,11 @@ fn replay_prints_its_figures_as_text_and_reads_gzip_by_content() {
         "Events                9 (5 allocations, 4 frees, 1 live at the end)",
         "Time per operation",
         "Hit rate              20.00%",
-        "Allocation reduction  20.00%",
-        "Backend allocations   4 (0 bypassed the classes)",
+        "Allocation reduction  60.00%",
+        "Backend allocations   2 (0 bypassed the classes)",
         "Peak live (trace)     286 MiB (300,000,000 bytes)",
-        "Peak reserved / live  1.007",
-        "Pool Stats: 5 allocs, 20.0% hit rate, 20.0% reduction",
+        "Peak reserved / live  1.014",
+        "Pool Stats: 5 allocs, 20.0% hit rate, 60.0% reduction",
     ] {
         assert!(stdout.contains(expected), "{expected:?} not in\n{stdout}");
     }
@@ -171,8 +183,12 @@ fn replay_prints_its_figures_as_text_and_reads_gzip_by_content() {
 fn finer_classes_change_the_pools_figures() {
     let dir = scratch("steps");
     let path = write(&dir, "steps.csv", b"a,0,5000,0\nf,0,5000,0\na,1,6000,0\n");
-    let seed = replay_json(&path, &[]);
-    let finer = replay_json(&path, &["--steps-per-doubling", "4"]);
+    // One backend allocation per class block, so each new class shows.
+    let seed = replay_json(&path, &["--class-blocks", "backend"]);
+    let finer = replay_json(
+        &path,
+        &["--class-blocks", "backend", "--steps-per-doubling", "4"],
+    );
     assert_eq!(seed["backend_allocations"], 1, "8 KiB serves both");
     assert_eq!(finer["backend_allocations"], 2, "5 KiB and 6 KiB classes");
     assert_eq!(finer["steps_per_doubling"], 4);
@@ -479,14 +495,15 @@ fn bench_allocation_failure_mid_run_is_an_error_not_a_panic() {
         ),
         "{stderr}"
     );
-    // 3 MB: both pools hold their 1 MiB block when the unpooled manager asks for a third
-    // (this was an `expect` too).
+    // 3.5 MB: gpupool holds the 2 MiB page its 1 MiB class block was carved from and the naive
+    // pool its 1 MiB block when the unpooled manager asks for a third (this was an `expect`
+    // too).
     let (code, stderr) = failure(&[
         "bench",
         "--backend",
         "sim",
         "--sim-capacity-bytes",
-        "3000000",
+        "3500000",
     ]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
@@ -693,7 +710,7 @@ fn bench_text_uses_iec_units_separators_and_rates() {
         "Buffer Sizes: 256 B, 1 KiB, 4 KiB, 16 KiB, 64 KiB, 256 KiB",
         "  256 KiB:   500 allocs",
         "Pool after seed-mixed: 3,000 requests",
-        "reserved 341 KiB (341 KiB cached)",
+        "reserved 2.00 MiB (2.00 MiB cached)",
         " M/s [",
         "gpupool Memory Pool Dashboard",
     ] {

@@ -23,7 +23,7 @@ use gpupool::PoolConfigBuilder;
 use crate::errors::FfiError;
 
 /// The keys, in the order of the builder's setters.
-pub(crate) const KEYS: [&str; 16] = [
+pub(crate) const KEYS: [&str; 17] = [
     "min_class_bytes",
     "max_class_bytes",
     "steps_per_doubling",
@@ -40,6 +40,7 @@ pub(crate) const KEYS: [&str; 16] = [
     "reclaim_at_peak",
     "release_idle_at_peak",
     "carve_class_blocks",
+    "shared_class_pages",
 ];
 
 /// Applies every setting of `text` to `builder`, or names the first bad one.
@@ -73,6 +74,7 @@ fn set(builder: PoolConfigBuilder, key: &str, value: &str) -> Result<PoolConfigB
         "reclaim_at_peak" => builder.reclaim_at_peak(switch(key, value)?),
         "release_idle_at_peak" => builder.release_idle_at_peak(switch(key, value)?),
         "carve_class_blocks" => builder.carve_class_blocks(switch(key, value)?),
+        "shared_class_pages" => builder.shared_class_pages(switch(key, value)?),
         _ => {
             return Err(FfiError::Config(format!(
                 "unknown key {key:?} (known keys: {})",
@@ -163,7 +165,7 @@ mod tests {
                     maintenance_interval=500ms, budget_bytes=1GiB, pooling=true, \
                     zero_on_reuse=false, shards=8, large_threshold_bytes=none, \
                     virtual_memory_pages=none, reclaim_at_peak=1, release_idle_at_peak=0, \
-                    carve_class_blocks=true,";
+                    carve_class_blocks=false, shared_class_pages=true,";
         let config = config(text).unwrap();
         assert_eq!(config.classes().sizes()[0], 512);
         assert_eq!(config.classes().max_bytes(), 64 << 20);
@@ -178,7 +180,7 @@ mod tests {
         assert_eq!(config.virtual_memory_pages(), None);
         assert!(config.reclaim_at_peak());
         assert!(!config.release_idle_at_peak());
-        assert!(config.carve_class_blocks());
+        assert!(!config.carve_class_blocks() && config.shared_class_pages());
         for key in KEYS {
             assert!(text.contains(&format!("{key}=")), "{key} is not tested");
         }

@@ -269,8 +269,9 @@ pub unsafe extern "C" fn gpupool_string_free(text: *mut c_char) {
 /// `max_idle_per_class`, `max_idle_bytes_per_class`, `min_idle_per_class`,
 /// `maintenance_interval`, `budget_bytes`, `pooling`, `zero_on_reuse`, `shards`,
 /// `large_threshold_bytes`, `virtual_memory_pages`, `reclaim_at_peak`,
-/// `release_idle_at_peak`, `carve_class_blocks`); `none` for the optional ones, sizes with an
-/// optional `KiB`..`TiB` suffix, durations in seconds or with `ms`/`s`. Settings add to earlier
+/// `release_idle_at_peak`, `carve_class_blocks`, `shared_class_pages`); `none` for the
+/// optional ones, sizes with an optional `KiB`..`TiB` suffix, durations in seconds or with
+/// `ms`/`s`. Settings add to earlier
 /// ones and to `GPUPOOL_CONFIG` (read at first use). Returns `GPUPOOL_ERR_CONFIG` naming the bad key or
 /// value (nothing of the string applies), or `GPUPOOL_ERR_TOO_LATE` once any pool exists.
 ///

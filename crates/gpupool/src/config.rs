@@ -37,6 +37,7 @@ pub struct PoolConfig {
     pub(crate) reclaim_at_peak: bool,
     pub(crate) release_idle_at_peak: bool,
     pub(crate) carve_class_blocks: bool,
+    pub(crate) shared_class_pages: bool,
 }
 
 impl PoolConfig {
@@ -107,9 +108,14 @@ impl PoolConfig {
     pub fn release_idle_at_peak(&self) -> bool {
         self.release_idle_at_peak
     }
-    /// Whether class blocks of device memory are carved out of the virtual-memory arena.
+    /// Whether class blocks of device memory are carved out of virtual memory.
     pub fn carve_class_blocks(&self) -> bool {
         self.carve_class_blocks
+    }
+    /// Whether carved class blocks share pages with large blocks instead of an address range
+    /// of their own.
+    pub fn shared_class_pages(&self) -> bool {
+        self.shared_class_pages
     }
 }
 
@@ -146,6 +152,7 @@ pub struct PoolConfigBuilder {
     reclaim_at_peak: bool,
     release_idle_at_peak: bool,
     carve_class_blocks: bool,
+    shared_class_pages: bool,
 }
 
 impl Default for PoolConfigBuilder {
@@ -165,7 +172,8 @@ impl Default for PoolConfigBuilder {
             virtual_memory_pages: Some(0),
             reclaim_at_peak: false,
             release_idle_at_peak: true,
-            carve_class_blocks: false,
+            carve_class_blocks: true,
+            shared_class_pages: false,
             max_idle_bytes_per_class: 4 << 20,
         }
     }
@@ -274,18 +282,29 @@ impl PoolConfigBuilder {
     }
 
     /// Whether, where the virtual-memory arena serves device memory, class blocks are carved
-    /// out of small pages of the arena (a class miss costs no driver call unless a page must be
-    /// mapped, and idle class blocks go back into the arena's free space before it maps past
-    /// its peak) rather than allocated one by one from the backend (`cuMemAlloc`). Off by
-    /// default: on the H200 it made the replays slower (medians of four interleaved rounds,
-    /// ns per operation: resnet50 624 → 1,015, vit 450 → 628, bert 185 → 236, gpt2_train 807 →
-    /// 863) for a peak ÷ live that is lower on three traces (bert 1.292 → 1.268, gpt2_generate
-    /// 1.089 → 1.046, vit 1.063 → 1.047) and higher on two (resnet50 1.016 → 1.036, effnet
-    /// 1.011 → 1.015); see BENCHMARKS.md. Small blocks are then counted honestly at page
+    /// out of mapped pages (best fit, 512-byte alignment, an address range of their own: see
+    /// [`PoolConfigBuilder::shared_class_pages`]) rather than allocated one by one from the
+    /// backend (`cuMemAlloc`, a driver call per block). On by default: a class miss then
+    /// costs a driver call only when a page must be mapped (sim, gpt2_train: 164 mappings
+    /// instead of 532 `cuMemAlloc` and 136 mappings), idle class blocks go back before the
+    /// pool grows past its peak (`release_idle_at_peak`), and the peak ÷ live was lower or
+    /// the same on all nine traces (BENCHMARKS.md). Small blocks are counted at page
     /// granularity, as the peers count theirs. Without an arena, class blocks always come from
     /// the backend.
     pub fn carve_class_blocks(mut self, enabled: bool) -> Self {
         self.carve_class_blocks = enabled;
+        self
+    }
+
+    /// Whether carved class blocks share pages with large blocks (*small pages* set aside in
+    /// the large blocks' address range, see `pools/vm_arena/small_pages.rs`) instead of an
+    /// address range of their own, as PyTorch keeps small blocks in segments of their own.
+    /// Off by default. Sharing lets a page move between small and large blocks with no driver
+    /// call, which suits generation with a growing cache (sim, peak ÷ live: gpt2_medium_generate
+    /// 1.042 → 1.003, gpt2_generate 1.062 → 1.041), but a small block left between large ones
+    /// keeps them from merging (resnet50 bf16 1.013 → 1.027, bert 1.216 → 1.260).
+    pub fn shared_class_pages(mut self, enabled: bool) -> Self {
+        self.shared_class_pages = enabled;
         self
     }
 
@@ -356,6 +375,7 @@ impl PoolConfigBuilder {
             reclaim_at_peak: self.reclaim_at_peak,
             release_idle_at_peak: self.release_idle_at_peak,
             carve_class_blocks: self.carve_class_blocks,
+            shared_class_pages: self.shared_class_pages,
         })
     }
 }

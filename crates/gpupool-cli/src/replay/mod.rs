@@ -57,6 +57,18 @@ const PROGRESS_FILE_BYTES: u64 = 16 << 20;
 const CHUNK: usize = 4096;
 
 /// What to replay and how.
+/// Where class blocks of device memory come from, with virtual memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClassBlocks {
+    /// Carved out of an address range of their own (the default).
+    #[default]
+    Arena,
+    /// Carved out of small pages among the large blocks (`shared_class_pages`).
+    SharedPages,
+    /// One backend allocation each (`cuMemAlloc`; `carve_class_blocks` off).
+    Backend,
+}
+
 #[derive(Clone, Debug)]
 pub struct ReplayOptions {
     /// The trace file (CSV, gzip or not).
@@ -69,8 +81,8 @@ pub struct ReplayOptions {
     pub seed_rules: bool,
     /// `PoolConfig::reclaim_at_peak`.
     pub reclaim_at_peak: bool,
-    /// `PoolConfig::carve_class_blocks`.
-    pub carve_class_blocks: bool,
+    /// Where class blocks come from (`PoolConfig::carve_class_blocks`, `shared_class_pages`).
+    pub class_blocks: ClassBlocks,
     /// Where to draw the memory timeline, if anywhere.
     pub plot: Option<PathBuf>,
     /// Events between two timeline samples.
@@ -307,7 +319,8 @@ fn manager(
     let mut config = PoolConfig::builder()
         .steps_per_doubling(options.steps_per_doubling)
         .reclaim_at_peak(options.reclaim_at_peak)
-        .carve_class_blocks(options.carve_class_blocks)
+        .carve_class_blocks(options.class_blocks != ClassBlocks::Backend)
+        .shared_class_pages(options.class_blocks == ClassBlocks::SharedPages)
         .maintenance_interval(Duration::ZERO);
     if options.seed_rules {
         config = config

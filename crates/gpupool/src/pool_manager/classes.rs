@@ -167,7 +167,7 @@ impl PoolManager {
     ) -> Result<Box<Record>, PoolError> {
         let class_bytes = pool.caches[index as usize].class_bytes();
         let slot = index as usize % pool.kinds.len();
-        let arena = pool.virtual_arena.as_ref().filter(|_| {
+        let arena = pool.carving_arena().filter(|_| {
             self.config.carve_class_blocks
                 && slot == pool.virtual_slot
                 && vm_arena::serves(request.stream)

@@ -36,6 +36,9 @@ pub(super) struct DevicePool {
     pub large_threshold: usize,
     /// The virtual-memory arena, where the backend offers virtual memory (Device memory only).
     pub virtual_arena: Option<VmArena<Owner>>,
+    /// The arena class blocks are carved out of (`carve_class_blocks`): an address range of
+    /// their own, as PyTorch keeps small blocks in segments of their own.
+    pub class_arena: Option<VmArena<Owner>>,
     /// The kind slot `virtual_arena` serves.
     pub virtual_slot: usize,
     /// The device's memory, read once (a request above it never fits).
@@ -87,12 +90,19 @@ impl DevicePool {
         let virtual_arena = if large_threshold == usize::MAX || virtual_slot == usize::MAX {
             None
         } else {
-            open_virtual_arena(backend.as_ref(), config)
+            open_virtual_arena(backend.as_ref(), config, true)
         };
+        let class_arena =
+            if virtual_arena.is_some() && config.carve_class_blocks && !config.shared_class_pages {
+                open_virtual_arena(backend.as_ref(), config, false)
+            } else {
+                None
+            };
         let capacity_bytes = backend.memory_info().map(|info| info.total_bytes);
         Ok(DevicePool {
             capacity_bytes,
             virtual_arena,
+            class_arena,
             virtual_slot,
             upstream: Upstream::new(backend, Budget::new(config.budget_bytes)),
             large: kinds.iter().map(|_| LargePool::default()).collect(),
@@ -138,22 +148,32 @@ impl DevicePool {
             .chain(std::iter::once(&self.bypass as &dyn Pool<Owner>))
     }
 
-    /// The arena's end (all work waited for, or nothing ever used it): every handle unmapped,
-    /// the address space given back.
+    /// The virtual-memory arenas: the one of large blocks, and the class blocks' own.
+    pub fn arenas(&self) -> impl Iterator<Item = &VmArena<Owner>> + '_ {
+        self.virtual_arena.iter().chain(self.class_arena.iter())
+    }
+
+    /// The arena class blocks are carved out of, if any: their own, else small pages of the
+    /// large blocks' arena.
+    pub fn carving_arena(&self) -> Option<&VmArena<Owner>> {
+        self.class_arena.as_ref().or(self.virtual_arena.as_ref())
+    }
+
+    /// The arenas' end (all work waited for, or nothing ever used them): every handle
+    /// unmapped, the address space given back.
     pub fn close_virtual_arena(&self) {
-        let Some(arena) = self.virtual_arena.as_ref() else {
-            return;
-        };
-        let memory = self
-            .backend()
-            .virtual_memory()
-            .expect("the arena's backend");
-        let (pages, reservation) = arena.take_everything();
-        for (address, bytes) in pages {
-            memory.unmap(address, bytes, &PoolAccess::new());
-            self.upstream.budget.released(bytes as u64);
+        for arena in self.arenas() {
+            let memory = self
+                .backend()
+                .virtual_memory()
+                .expect("the arena's backend");
+            let (pages, reservation) = arena.take_everything();
+            for (address, bytes) in pages {
+                memory.unmap(address, bytes, &PoolAccess::new());
+                self.upstream.budget.released(bytes as u64);
+            }
+            memory.unreserve(reservation);
         }
-        memory.unreserve(reservation);
     }
 
     /// Bytes committed to the budget now.
@@ -167,7 +187,11 @@ impl DevicePool {
 /// log line) where the backend has no virtual memory, the configuration turns it off, its
 /// pages are larger than the device, or the reservation fails: the segment arena serves
 /// instead.
-fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmArena<Owner>> {
+fn open_virtual_arena(
+    backend: &dyn Backend,
+    config: &PoolConfig,
+    sets_small_pages_aside: bool,
+) -> Option<VmArena<Owner>> {
     let page_setting = config.virtual_memory_pages?;
     let memory = backend.virtual_memory()?;
     let granularity = memory.granularity().max(1);
@@ -198,6 +222,7 @@ fn open_virtual_arena(backend: &dyn Backend, config: &PoolConfig) -> Option<VmAr
                 reservation,
                 page_bytes,
                 config.reclaim_at_peak,
+                sets_small_pages_aside,
             ))
         }
         Err(error) => {

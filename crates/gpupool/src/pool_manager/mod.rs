@@ -373,7 +373,7 @@ impl PoolManager {
         let (carved, others): (Vec<Idle>, Vec<Idle>) =
             blocks.into_iter().partition(|idle| idle.carved);
         let mut report = ReleaseReport::default();
-        if let Some(arena) = pool.virtual_arena.as_ref() {
+        if let Some(arena) = pool.carving_arena() {
             let epoch = self.epoch.load(Ordering::Relaxed);
             for mut idle in carved {
                 report.blocks += 1;

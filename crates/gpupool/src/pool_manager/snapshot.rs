@@ -34,7 +34,7 @@ impl PoolManager {
         let virtual_guards: Vec<_> = self
             .devices
             .iter()
-            .map(|pool| pool.virtual_arena.as_ref().map(|arena| arena.lock()))
+            .map(|pool| pool.arenas().map(|arena| arena.lock()).collect::<Vec<_>>())
             .collect();
         let shard_guards: Vec<Vec<_>> = self
             .devices
@@ -111,7 +111,7 @@ impl PoolManager {
             }
             // The virtual-memory arena reports as the large arena does: its pages are the
             // segments (mapped memory); its address space is reported on its own.
-            if let Some(state) = &virtual_guards[device] {
+            for state in &virtual_guards[device] {
                 large.accumulate(&state.counters_with_waste());
             }
             device_totals.requests += large.requests;

@@ -155,7 +155,8 @@ impl PoolManager {
         request: &Request,
         for_class: bool,
     ) -> Result<Option<Placed<Owner>>, BackendError> {
-        let guard = self.guards_peak();
+        // Idle class blocks given back to an arena of their own free no memory for large blocks.
+        let guard = self.guards_peak() && (for_class || pool.class_arena.is_none());
         match self.take_mapping(pool, arena, request, for_class, guard) {
             Err(MapRefusal::PastPeak { excess_bytes }) => {
                 self.release_idle_before_peak(pool, excess_bytes);
@@ -309,12 +310,13 @@ impl PoolManager {
     /// `wait`, waits for all work first, so every handle freed before the wait goes. Returns
     /// the bytes unmapped.
     pub(super) fn unmap_free_pages(&self, pool: &DevicePool, wait: bool) -> u64 {
-        let Some(arena) = pool.virtual_arena.as_ref() else {
+        let arenas: Vec<&VmArena<Owner>> = pool.arenas().collect();
+        if arenas.is_empty() {
             return 0;
-        };
+        }
         let backend = pool.backend();
         let waited = if wait {
-            let before = arena.free_count();
+            let before: Vec<u64> = arenas.iter().map(|arena| arena.free_count()).collect();
             match backend.wait_for_all() {
                 Ok(()) => Some(before),
                 Err(error) => {
@@ -329,18 +331,22 @@ impl PoolManager {
             .virtual_memory()
             .expect("the arena exists only over it");
         let budget = &pool.upstream.budget;
-        arena.unmap_free_handles(
-            waited,
-            |stream| {
-                backend
-                    .fence_after(stream)
-                    .inspect_err(|error| tracing::warn!(?error, "no fence for an unmap"))
-                    .ok()
-            },
-            |address, bytes| {
-                memory.unmap(address, bytes, &PoolAccess::new());
-                budget.released(bytes as u64);
-            },
-        )
+        let mut unmapped = 0;
+        for (index, arena) in arenas.iter().enumerate() {
+            unmapped += arena.unmap_free_handles(
+                waited.as_ref().map(|before| before[index]),
+                |stream| {
+                    backend
+                        .fence_after(stream)
+                        .inspect_err(|error| tracing::warn!(?error, "no fence for an unmap"))
+                        .ok()
+                },
+                |address, bytes| {
+                    memory.unmap(address, bytes, &PoolAccess::new());
+                    budget.released(bytes as u64);
+                },
+            );
+        }
+        unmapped
     }
 }

@@ -21,9 +21,9 @@ fn vm_device(capacity_bytes: u64, asynchronous: bool) -> SimConfig {
     }
 }
 
-/// The defaults with class blocks carved out of the arena's small pages.
-fn carving() -> gpupool::PoolConfigBuilder {
-    defaults().carve_class_blocks(true)
+/// The defaults with class blocks carved out of small pages among the large blocks.
+fn shared_pages() -> gpupool::PoolConfigBuilder {
+    defaults().shared_class_pages(true)
 }
 
 fn on(stream: u64) -> AllocOptions {
@@ -319,7 +319,7 @@ fn the_last_stream_id_is_served_by_segments_not_the_arena() {
 #[test]
 fn idle_class_blocks_go_back_before_a_mapping_raises_the_peak() {
     let guarded = |enabled: bool| {
-        let config = carving().release_idle_at_peak(enabled);
+        let config = shared_pages().release_idle_at_peak(enabled);
         let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), config);
         // 4 MiB of idle 512 KiB class blocks, then a large block that must map fresh pages.
         let small: Vec<_> = (0..8)
@@ -349,7 +349,7 @@ fn idle_class_blocks_go_back_before_a_mapping_raises_the_peak() {
 
 #[test]
 fn below_the_peak_idle_class_blocks_stay_cached() {
-    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), carving());
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), shared_pages());
     let large = manager.allocate_bytes(8 * MIB).unwrap();
     drop(large);
     let trimmed = manager.trim(TrimLevel::Aggressive);
@@ -371,7 +371,7 @@ fn below_the_peak_idle_class_blocks_stay_cached() {
 
 #[test]
 fn class_blocks_are_carved_out_of_shared_small_pages() {
-    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), carving());
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), shared_pages());
     let blocks: Vec<_> = (0..100)
         .map(|_| manager.allocate_bytes(4096).unwrap())
         .collect();
@@ -400,7 +400,10 @@ fn class_blocks_are_carved_out_of_shared_small_pages() {
     let class = stats.class(4096, gpupool::MemoryKind::Device).unwrap();
     assert_eq!(class.arena_returns, 100);
     let _ = stats;
-    let with_backend = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let with_backend = sim_manager_on(
+        vm_device(1 << 30, false),
+        defaults().carve_class_blocks(false),
+    );
     let (manager_b, sim_b) = with_backend;
     let small = manager_b.allocate_bytes(4096).unwrap();
     assert_eq!(small.block_bytes(), 4096);
@@ -418,7 +421,7 @@ fn class_blocks_are_carved_out_of_shared_small_pages() {
 
 #[test]
 fn a_small_page_whose_blocks_all_left_serves_large_blocks_again() {
-    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), carving());
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), shared_pages());
     let small = manager.allocate_bytes(64 * 1024).unwrap();
     let page = small.device_address();
     drop(small); // idle in its class, on the one page mapped so far
@@ -433,23 +436,108 @@ fn a_small_page_whose_blocks_all_left_serves_large_blocks_again() {
 
 #[test]
 fn carved_class_blocks_wait_for_their_streams_work_before_another_stream_reuses_them() {
-    // Asynchronous device: fences complete only when the device says so.
-    let (manager, sim) = sim_manager_on(
-        vm_device(1 << 30, true),
-        carving().max_idle_per_class(1).min_idle_per_class(0),
+    for shared in [false, true] {
+        // Asynchronous device: fences complete only when the device says so.
+        let (manager, sim) = sim_manager_on(
+            vm_device(1 << 30, true),
+            defaults()
+                .shared_class_pages(shared)
+                .max_idle_per_class(1)
+                .min_idle_per_class(0),
+        );
+        let first = manager.allocate_with::<u8>(4096, on(1)).unwrap();
+        let second = manager.allocate_with::<u8>(4096, on(1)).unwrap();
+        let addresses = [first.device_address(), second.device_address()];
+        // One goes to the class cache, the other past its cap back into the arena, on stream 1.
+        drop((first, second));
+        let other = manager.allocate_with::<u8>(4096, on(2)).unwrap();
+        assert!(
+            !addresses.contains(&other.device_address()),
+            "shared pages {shared}: stream 2 got a block stream 1's queued work may still use"
+        );
+        assert_consistent(&manager.stats(), &sim);
+        drop(other);
+    }
+}
+
+/// The default: class blocks are carved out of an address range of their own, many to a page,
+/// so no class block ever sits between two large blocks (PyTorch's small segments).
+#[test]
+fn class_blocks_are_carved_out_of_a_range_of_their_own() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let large = manager.allocate_bytes(3 * SIM_PAGE_BYTES).unwrap();
+    let blocks: Vec<_> = (0..100)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
+    let stats = manager.stats();
+    assert_consistent(&stats, &sim);
+    assert_eq!(
+        sim.counters().allocations,
+        2,
+        "the large block's and one page"
     );
-    let first = manager.allocate_with::<u8>(4096, on(1)).unwrap();
-    let second = manager.allocate_with::<u8>(4096, on(1)).unwrap();
-    let addresses = [first.device_address(), second.device_address()];
-    // One goes to the class cache, the other past its cap back into the arena, on stream 1.
-    drop((first, second));
-    let other = manager.allocate_with::<u8>(4096, on(2)).unwrap();
-    assert!(
-        !addresses.contains(&other.device_address()),
-        "stream 2 got a block stream 1's queued work may still use"
+    let class = stats.class(4096, gpupool::MemoryKind::Device).unwrap();
+    assert_eq!((class.arena_blocks, class.backend_allocations), (100, 0));
+    assert_eq!(stats.devices[0].large.class_bytes, 100 * 4096);
+    let page = blocks[0].device_address() & !(SIM_PAGE_BYTES as u64 - 1);
+    assert!(blocks
+        .iter()
+        .all(|block| block.device_address() & !(SIM_PAGE_BYTES as u64 - 1) == page));
+    let large_range = large.device_address()..large.device_address() + 3 * SIM_PAGE_BYTES as u64;
+    assert!(!large_range.contains(&page));
+    // Two reservations: the large blocks' and the class blocks'.
+    assert_eq!(
+        stats.devices[0].large.address_space_bytes,
+        sim.counters().reserved_address_bytes
     );
+    assert_eq!(sim.counters().reserved_address_bytes, 2 * 2 * (1 << 30));
+    // A freed large block's space never serves class blocks: their range is apart.
+    let address = large.device_address();
+    drop(large);
+    let more: Vec<_> = (0..600)
+        .map(|_| manager.allocate_bytes(4096).unwrap())
+        .collect();
+    assert!(more.iter().all(|block| {
+        let at = block.device_address();
+        !(address..address + 3 * SIM_PAGE_BYTES as u64).contains(&at)
+    }));
     assert_consistent(&manager.stats(), &sim);
-    drop(other);
+    drop((blocks, more));
+    manager.trim(TrimLevel::Aggressive);
+    let stats = manager.stats();
+    assert_eq!(stats.totals.reserved_bytes, 0, "every page unmapped");
+    assert_consistent(&stats, &sim);
+}
+
+/// In a range of their own, idle class blocks of one class make room for another class's
+/// blocks before that range maps past the peak; a large block's mapping leaves them cached
+/// (giving them back would free nothing large blocks can use).
+#[test]
+fn idle_class_blocks_make_room_in_their_own_range_before_the_peak() {
+    let (manager, sim) = sim_manager_on(vm_device(1 << 30, false), defaults());
+    let half_page = SIM_PAGE_BYTES / 2;
+    let idle: Vec<_> = (0..2)
+        .map(|_| manager.allocate_bytes(half_page).unwrap())
+        .collect();
+    drop(idle);
+    assert_eq!(manager.peak_reserved_bytes(), SIM_PAGE_BYTES as u64);
+    // Another class, a page's worth: the idle blocks go back, their page serves these.
+    let quarters: Vec<_> = (0..4)
+        .map(|_| manager.allocate_bytes(half_page / 2).unwrap())
+        .collect();
+    assert_eq!(manager.peak_reserved_bytes(), SIM_PAGE_BYTES as u64);
+    assert_eq!(sim.counters().allocations, 1, "no second page");
+    drop(quarters);
+    // A large block past the peak: the idle quarters stay cached.
+    let large = manager.allocate_bytes(SIM_PAGE_BYTES).unwrap();
+    let stats = manager.stats();
+    assert_eq!(
+        stats.totals.cached_bytes - stats.devices[0].large.free_bytes,
+        SIM_PAGE_BYTES as u64
+    );
+    assert_eq!(manager.peak_reserved_bytes(), 2 * SIM_PAGE_BYTES as u64);
+    assert_consistent(&stats, &sim);
+    drop(large);
 }
 
 /// Pages larger than the whole device (`virtual_memory_pages` of 128 MiB on a 64 MiB device)

@@ -76,8 +76,15 @@ pub(crate) struct VmArena<O> {
 
 impl<O> VmArena<O> {
     /// An arena over `reservation` (a multiple of `page_bytes`, from
-    /// `VirtualMemory::reserve`), with nothing mapped yet.
-    pub fn new(reservation: Block, page_bytes: usize, reclaim_at_peak: bool) -> VmArena<O> {
+    /// `VirtualMemory::reserve`), with nothing mapped yet. `sets_small_pages_aside`: class
+    /// blocks share small pages among the large blocks (see `small_pages`); `false` for an
+    /// arena of class blocks only.
+    pub fn new(
+        reservation: Block,
+        page_bytes: usize,
+        reclaim_at_peak: bool,
+        sets_small_pages_aside: bool,
+    ) -> VmArena<O> {
         let base = reservation.device_address();
         let bytes = reservation.bytes();
         let pages = (0..bytes / page_bytes)
@@ -104,6 +111,7 @@ impl<O> VmArena<O> {
             peak_mapped_pages: 0,
             free_count: 0,
             reclaim_at_peak,
+            sets_small_pages_aside,
             ranges_per_key: Vec::new(),
             last_mapping_stream: StreamId::DEFAULT,
             counters: LargeStats {
@@ -154,7 +162,9 @@ impl<O> VmArena<O> {
         state.ungate();
         let bytes = request.block_bytes;
         // Class blocks share small pages, apart from larger ones (see `small_pages`).
-        let small = for_class && bytes <= state.page_bytes / SMALL_PAGE_SHARE;
+        let small = for_class
+            && state.sets_small_pages_aside
+            && bytes <= state.page_bytes / SMALL_PAGE_SHARE;
         // The common case first: the stream's own space holds the block (what `place` would
         // find first), with one search instead of `fits` and `place` each searching.
         let own = if small {

@@ -68,6 +68,9 @@ pub(crate) struct VmState<O> {
     pub(super) free_count: u64,
     /// Unmap free handles before mapping past `peak_mapped_pages` (`reclaim_at_peak`).
     pub(super) reclaim_at_peak: bool,
+    /// Class blocks go to small pages set aside among the large blocks (see `small_pages`);
+    /// `false` in an arena that holds class blocks only, where they are placed like any block.
+    pub(super) sets_small_pages_aside: bool,
     /// The stream of the last request that had to map pages: the one a snapshot at a new peak
     /// explains (its free space was fragmentation; other streams' was theirs).
     pub(super) last_mapping_stream: StreamId,

@@ -14,7 +14,7 @@ fn arena(pages: usize) -> VmArena<()> {
         virtual_memory: true,
         ..SimConfig::default()
     });
-    VmArena::new(sim.reserve(pages * PAGE).unwrap(), PAGE, false)
+    VmArena::new(sim.reserve(pages * PAGE).unwrap(), PAGE, false, true)
 }
 
 fn take(arena: &VmArena<()>, bytes: usize, stream: u64) -> Box<BlockRecord<()>> {

@@ -1,8 +1,10 @@
-//! The pool does not grow past its peak while class caches hold idle blocks carved out of the
-//! virtual-memory arena: before a mapping would take the device's held bytes above the most it
-//! ever held, idle carved blocks worth the excess go back into the arena first (largest classes
-//! first, oldest blocks first: the fewest blocks, and those least likely to be wanted soon),
-//! and the placement is tried again.
+//! The pool does not grow past its peak while class caches hold idle blocks carved out of
+//! virtual memory: before a mapping for class blocks (any mapping, when class blocks share the
+//! large blocks' pages) would take the device's held bytes above the most it ever held, idle
+//! carved blocks worth the excess go back into their arena first (largest classes first,
+//! oldest blocks first: the fewest blocks, and those least likely to be wanted soon), and the
+//! placement is tried again. When class blocks have an arena of their own, a large block's
+//! mapping leaves them cached: their space would be free only for class blocks.
 //!
 //! Why a rule at the peak and not a cap on idle bytes: a cap fitted to one workload is too
 //! large for the next (the traces' idle class blocks were 10–35 MB at their peaks, 0.3–7 % of

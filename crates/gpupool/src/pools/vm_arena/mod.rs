@@ -30,6 +30,12 @@
 //! merged) loses its fence and is fenced again later: a fence covers only the frees before it.
 //! Blocks with fences (`used_by`, `record_stream`) wait, unmerged, until they complete.
 //!
+//! Class blocks (`carve_class_blocks`, the default) are carved out of a second arena of the
+//! same kind, over a reservation of its own, in which they are placed like any block: no class
+//! block ever sits between two large ones, as PyTorch keeps small blocks in segments of their
+//! own. With `shared_class_pages` they go to *small pages* of this arena instead
+//! (`small_pages`).
+//!
 //! The arena never calls the backend: `take` is given the mapping to do for pages it needs,
 //! and `unmappable_pages` returns the pages to unmap. One mutex guards the state: requests that
 //! reach it are large (above the class range) and rare next to class hits.

@@ -285,12 +285,12 @@ impl PoolConfigBuilder {
     /// out of mapped pages (best fit, 512-byte alignment, an address range of their own: see
     /// [`PoolConfigBuilder::shared_class_pages`]) rather than allocated one by one from the
     /// backend (`cuMemAlloc`, a driver call per block). On by default: a class miss then
-    /// costs a driver call only when a page must be mapped (sim, gpt2_train: 164 mappings
-    /// instead of 532 `cuMemAlloc` and 136 mappings), idle class blocks go back before the
-    /// pool grows past its peak (`release_idle_at_peak`), and the peak ÷ live was lower or
-    /// the same on all nine traces (BENCHMARKS.md). Small blocks are counted at page
-    /// granularity, as the peers count theirs. Without an arena, class blocks always come from
-    /// the backend.
+    /// costs a driver call only when a page must be mapped (H200, gpt2_train: 164 mappings,
+    /// 6.1 ms, instead of 532 `cuMemAlloc`, 42 `cuMemFree` and 136 mappings, 8.1 ms), idle
+    /// class blocks go back before the pool grows past its peak (`release_idle_at_peak`), and
+    /// the peak ÷ live was lower or within 0.05 % on all nine traces (BENCHMARKS.md, session
+    /// 19). Small blocks are counted at page granularity, as the peers count theirs. Without
+    /// an arena, class blocks always come from the backend.
     pub fn carve_class_blocks(mut self, enabled: bool) -> Self {
         self.carve_class_blocks = enabled;
         self

@@ -11,8 +11,11 @@ use super::{PoolManager, ReleaseReport, TrimLevel};
 use crate::pools::Pool;
 
 impl PoolManager {
-    /// Everything idle goes back to the device now (out-of-memory and budget recovery).
+    /// Everything idle goes back to the device now (out-of-memory and budget recovery). Waits
+    /// for a trim or maintenance tick under way first (see `DevicePool::upkeep`), so the
+    /// retry that follows also sees the memory that one was giving back.
     pub(super) fn release_everything(&self, pool: &DevicePool) -> ReleaseReport {
+        let _upkeep = pool.upkeep();
         let mut report = self.release_idle(pool, 0, None);
         pool.upstream.reap(true);
         if pool.virtual_arena.is_some() {
@@ -56,6 +59,9 @@ impl PoolManager {
         };
         let mut report = ReleaseReport::default();
         for pool in self.devices.iter() {
+            // Releases another thread has under way (a maintenance tick) finish first: when the
+            // trim returns, they are back with the device or deferred (`DevicePool::upkeep`).
+            let _upkeep = pool.upkeep();
             report.add(self.release_idle(pool, keep, None));
             report.add(self.unmapped_report(pool, false));
             pool.upstream.reap(false);
@@ -70,11 +76,13 @@ impl PoolManager {
         let mut report = ReleaseReport::default();
         if now < 2 {
             for pool in self.devices.iter() {
+                let _upkeep = pool.upkeep();
                 pool.upstream.reap(false);
             }
             return report;
         }
         for pool in self.devices.iter() {
+            let _upkeep = pool.upkeep();
             report.add(self.release_idle(pool, self.config.min_idle_per_class, Some(now - 2)));
             report.add(self.unmapped_report(pool, false));
             pool.upstream.reap(false);
@@ -93,6 +101,7 @@ impl PoolManager {
     pub(crate) fn defragment(&self) -> ReleaseReport {
         let mut report = ReleaseReport::default();
         for pool in self.devices.iter() {
+            let _upkeep = pool.upkeep();
             let mut marks = pool
                 .defragment_marks
                 .lock()

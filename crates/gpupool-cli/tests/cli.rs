@@ -720,3 +720,39 @@ fn bench_text_uses_iec_units_separators_and_rates() {
         assert!(!stdout.contains(raw), "{raw:?} in\n{stdout}");
     }
 }
+
+/// The peak is explained at the moment the pool held it with the most bytes live, not only
+/// when it was raised: here a class page raises it while 1,000 bytes are live, and the next
+/// request, 3 MB, lands in free pages under that same peak.
+#[test]
+fn the_waste_at_the_peak_is_read_when_the_most_bytes_are_live_at_it() {
+    let dir = scratch("peak-moment");
+    let path = write(
+        &dir,
+        "moment.csv",
+        b"op,id,size,stream\na,0,3000000,0\nf,0,3000000,0\na,1,1000,0\na,2,3000000,0\n",
+    );
+    let json = replay_json(&path, &[]);
+    assert_eq!(
+        json["peak_reserved_bytes"],
+        6 << 20,
+        "two large pages and a class page"
+    );
+    assert_eq!(json["requested_live_at_peak"], 3_001_000);
+    let waste = &json["waste_at_peak"];
+    let explained: u64 = [
+        "rounding_bytes",
+        "class_cache_bytes",
+        "fragmentation_bytes",
+        "page_granularity_bytes",
+        "held_for_streams_bytes",
+    ]
+    .iter()
+    .map(|key| waste[key].as_u64().unwrap())
+    .sum();
+    assert_eq!(
+        explained,
+        (6 << 20) - 3_001_000,
+        "the parts add up at that moment"
+    );
+}

@@ -118,8 +118,8 @@ pub struct ReplayReport {
     pub peak_reserved_bytes: u64,
     /// peak reserved / peak live.
     pub peak_ratio: f64,
-    /// Where reserved memory beyond the requested live bytes went when the pool reached its
-    /// peak (from an extra, untimed pass that takes a snapshot at each new peak).
+    /// Where reserved memory beyond the requested live bytes went while the pool held its peak,
+    /// at the moment with the most requested bytes live (from an extra, untimed pass).
     pub waste_at_peak: WasteBreakdown,
     /// Requested live bytes at the pool's peak (the peak of the pool and the trace's peak of
     /// live bytes need not coincide).
@@ -403,24 +403,54 @@ impl Observer for Timeline<'_> {
     }
 }
 
-/// Watches for the pool's new peaks: at each, one snapshot, and the waste breakdown from it.
-/// The check per event is a few atomic loads; snapshots happen only at new peaks (a few hundred
-/// per trace, one per backend allocation at most).
+/// Explains the pool's peak: the snapshot of the moment the pool held its peak reserved bytes
+/// with the most requested bytes live. Once reached, a peak usually stays held for the rest of
+/// the trace (pages stay mapped), and the moment that raised it may have had few bytes live (a
+/// page for class blocks mapped while large blocks were free): the moment with the most live
+/// bytes explains the peak best. A snapshot is taken at each new peak, and again whenever the
+/// live bytes pass those of the kept snapshot while the pool still holds its peak.
 struct PeakWatch<'a> {
     manager: &'a MemoryManager,
     peak: u64,
     waste: WasteBreakdown,
     requested_live: u64,
+    /// Requested live bytes now, tracked from the buffers.
+    live_now: u64,
+    /// The most live bytes already checked since the kept snapshot (one `stats()` per new
+    /// record, not one per event while the pool holds less than its peak).
+    live_checked: u64,
+}
+
+impl PeakWatch<'_> {
+    fn keep(&mut self, stats: &gpupool::PoolStats) {
+        self.waste = stats.waste();
+        self.requested_live = stats.totals.requested_live_bytes;
+        self.live_checked = self.live_checked.max(self.live_now);
+    }
 }
 
 impl Observer for PeakWatch<'_> {
+    fn allocated(&mut self, buffer: &PooledBuffer<u8>) {
+        self.live_now += buffer.requested_bytes() as u64;
+    }
+
+    fn freeing(&mut self, buffer: &PooledBuffer<u8>) {
+        self.live_now -= buffer.requested_bytes() as u64;
+    }
+
     fn replayed(&mut self, _done: usize) {
         let peak = self.manager.peak_reserved_bytes();
         if peak > self.peak {
             self.peak = peak;
+            self.live_checked = 0;
             let stats = self.manager.stats();
-            self.waste = stats.waste();
-            self.requested_live = stats.totals.requested_live_bytes;
+            self.keep(&stats);
+        } else if self.live_now > self.live_checked {
+            self.live_checked = self.live_now;
+            let stats = self.manager.stats();
+            if stats.totals.reserved_bytes == peak {
+                self.keep(&stats);
+            }
         }
     }
 }
@@ -522,6 +552,8 @@ pub fn run(
         peak: 0,
         waste: WasteBreakdown::default(),
         requested_live: 0,
+        live_now: 0,
+        live_checked: 0,
     };
     let bar = progress(events as u64, events as u64 >= PROGRESS_EVENTS, "peak");
     let (_, live) = replay_loop(&watched, &trace, &streams, &bar, &mut watch)?;

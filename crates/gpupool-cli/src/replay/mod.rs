@@ -56,7 +56,6 @@ const PROGRESS_FILE_BYTES: u64 = 16 << 20;
 /// Events between progress updates (the timed loop runs in chunks of this many).
 const CHUNK: usize = 4096;
 
-/// What to replay and how.
 /// Where class blocks of device memory come from, with virtual memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClassBlocks {
@@ -69,6 +68,7 @@ pub enum ClassBlocks {
     Backend,
 }
 
+/// What to replay and how.
 #[derive(Clone, Debug)]
 pub struct ReplayOptions {
     /// The trace file (CSV, gzip or not).
@@ -425,7 +425,6 @@ impl PeakWatch<'_> {
     fn keep(&mut self, stats: &gpupool::PoolStats) {
         self.waste = stats.waste();
         self.requested_live = stats.totals.requested_live_bytes;
-        self.live_checked = self.live_checked.max(self.live_now);
     }
 }
 
@@ -442,7 +441,7 @@ impl Observer for PeakWatch<'_> {
         let peak = self.manager.peak_reserved_bytes();
         if peak > self.peak {
             self.peak = peak;
-            self.live_checked = 0;
+            self.live_checked = self.live_now;
             let stats = self.manager.stats();
             self.keep(&stats);
         } else if self.live_now > self.live_checked {

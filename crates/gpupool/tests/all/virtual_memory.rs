@@ -26,6 +26,16 @@ fn shared_pages() -> gpupool::PoolConfigBuilder {
     defaults().shared_class_pages(true)
 }
 
+/// The page every one of `blocks` lies on (they must share one).
+fn the_one_page_of(blocks: &[gpupool::PooledBuffer<u8>]) -> u64 {
+    let page_of = |address: u64| address & !(SIM_PAGE_BYTES as u64 - 1);
+    let page = page_of(blocks[0].device_address());
+    assert!(blocks
+        .iter()
+        .all(|block| page_of(block.device_address()) == page));
+    page
+}
+
 fn on(stream: u64) -> AllocOptions {
     AllocOptions {
         stream: StreamId(stream),
@@ -387,10 +397,7 @@ fn class_blocks_are_carved_out_of_shared_small_pages() {
     assert_eq!((class.arena_blocks, class.backend_allocations), (100, 0));
     assert_eq!(stats.devices[0].large.class_blocks, 100);
     assert_eq!(stats.devices[0].large.class_bytes, 100 * 4096);
-    let page = blocks[0].device_address() & !(SIM_PAGE_BYTES as u64 - 1);
-    assert!(blocks
-        .iter()
-        .all(|block| block.device_address() & !(SIM_PAGE_BYTES as u64 - 1) == page));
+    the_one_page_of(&blocks);
     drop(blocks);
     // Idle class blocks go back into the arena: their page serves a large block at once.
     manager.trim(TrimLevel::Aggressive);
@@ -479,10 +486,7 @@ fn class_blocks_are_carved_out_of_a_range_of_their_own() {
     let class = stats.class(4096, gpupool::MemoryKind::Device).unwrap();
     assert_eq!((class.arena_blocks, class.backend_allocations), (100, 0));
     assert_eq!(stats.devices[0].large.class_bytes, 100 * 4096);
-    let page = blocks[0].device_address() & !(SIM_PAGE_BYTES as u64 - 1);
-    assert!(blocks
-        .iter()
-        .all(|block| block.device_address() & !(SIM_PAGE_BYTES as u64 - 1) == page));
+    let page = the_one_page_of(&blocks);
     let large_range = large.device_address()..large.device_address() + 3 * SIM_PAGE_BYTES as u64;
     assert!(!large_range.contains(&page));
     // Two reservations: the large blocks' and the class blocks'.
